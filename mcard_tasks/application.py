@@ -1,0 +1,101 @@
+"""The Celery app of mcard-tasks, built from the one Settings object and the one topology.
+
+Every reliability setting sits next to its reason; see docs in the README's "Guarantees".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from celery import Celery
+
+from mcard_tasks.bootsteps import DeclareTopology
+from mcard_tasks.config import Settings, get_settings
+from mcard_tasks.topology import EXCHANGE, build_topology
+
+__all__ = ["app", "celery_config", "create_app"]
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's settings for mcard-tasks."""
+    topology = build_topology(settings.queue_type, settings.delivery_limit)
+    return {
+        # Several URLs separated by ';' are kombu's failover list.
+        "broker_url": settings.broker_url,
+        "result_backend": "mcard_tasks.results:LedgerBackend",
+        "mcard_database_url": settings.database_url,
+        "mcard_check_conflicts": settings.check_conflicts,
+        "mcard_queue_type": settings.queue_type,
+        "mcard_delivery_limit": settings.delivery_limit,
+        # Topology: built once in topology.py, shared by producer and worker. Celery detects
+        # quorum queues only from its own config, so both sides must use the same list.
+        "task_queues": topology.task_queues,
+        "task_routes": topology.routes,
+        "task_default_exchange": EXCHANGE.name,
+        "task_default_exchange_type": EXCHANGE.type,
+        "task_default_queue": topology.task_queues[1].name,
+        # A typo in a route must fail loudly, not create an unconsumed classic queue.
+        "task_create_missing_queues": False,
+        # JSON only: pickle from the wire is code execution, and results must be readable
+        # by any application.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Ack after the task ran: a crash mid-task redelivers instead of losing the request.
+        "task_acks_late": True,
+        # A killed pool child requeues its message (the ledger makes the rerun harmless and
+        # the quorum delivery limit stops a poison message from looping).
+        "task_reject_on_worker_lost": True,
+        # A final failure is rejected, so it reaches the dead-letter queue instead of being
+        # acked away.
+        "task_acks_on_failure_or_timeout": False,
+        # With late acks, every prefetched message is one more held hostage by a slow task.
+        "worker_prefetch_multiplier": 1,
+        # The messages of running tasks come back after a connection loss; cancel the
+        # running copy rather than run both (the ledger would absorb a double run anyway).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Publisher confirms: a publish counts only once the broker has taken it.
+        "broker_transport_options": {
+            "confirm_publish": True,
+            "client_properties": {
+                "connection_name": f"mcard-tasks {socket.gethostname()}:{os.getpid()}"
+            },
+        },
+        "broker_pool_limit": settings.broker_pool_limit,
+        # An exhausted connection pool raises instead of blocking the caller forever.
+        "broker_pool_acquire_timeout": settings.publish_timeout,
+        # A channel error (e.g. an ack timeout) reconnects instead of stopping the worker.
+        "broker_channel_error_retry": True,
+        "broker_connection_retry_on_startup": True,
+        # A failed publish is retried briefly, then the error reaches the caller.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 3,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 1.0,
+        },
+        # Flower needs task events from workers and "sent" events from producers.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_concurrency": settings.concurrency,
+        "worker_pool": settings.pool,
+        # A warm shutdown (SIGTERM) lets running tasks finish, within bounds.
+        "worker_soft_shutdown_timeout": 10.0,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from settings (default: the MCARD_* environment)."""
+    app = Celery("mcard_tasks", include=["mcard_tasks.tasks"])
+    app.conf.update(celery_config(settings or get_settings()))
+    app.steps["consumer"].add(DeclareTopology)
+    return app
+
+
+#: The app of this process, configured from the MCARD_* environment.
+app = create_app()

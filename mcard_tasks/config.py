@@ -1,0 +1,55 @@
+"""The one configuration object, read from MCARD_* environment variables (12-factor)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "default_database_url", "get_settings"]
+
+
+def default_database_url() -> str:
+    """An SQLite file in the user's data folder, the same for every process of this user."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return f"sqlite:///{base / 'mcard-tasks' / 'ledger.sqlite3'}"
+
+
+class Settings(BaseSettings):
+    """Every setting of mcard-tasks; each field is the variable MCARD_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="MCARD_", extra="ignore", frozen=True)
+
+    broker_url: str = "amqp://guest:guest@localhost:5672//"
+    database_url: str = Field(default_factory=default_database_url)
+    concurrency: int = Field(default=8, ge=1, le=512)
+    pool: Literal["threads", "prefork", "solo"] = "threads"
+    worker_name: str = "mcard@%h"
+    log_level: str = "INFO"
+    flower_user: str | None = None
+    flower_password: str | None = None
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    delivery_limit: int = Field(default=5, ge=1)
+    publish_timeout: float = Field(default=5.0, gt=0)
+    broker_pool_limit: int = Field(default=4, ge=1)
+    check_conflicts: bool = True
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper_level(cls, value: str) -> str:
+        return value.upper()
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """The failover list: MCARD_BROKER_URL may hold several URLs separated by ';'."""
+        return [url.strip() for url in self.broker_url.split(";") if url.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process, read once from the environment."""
+    return Settings()

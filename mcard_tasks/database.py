@@ -1,0 +1,89 @@
+"""Engines for the ledger: one pooled engine per process and URL, schema brought to head once."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+__all__ = ["engine_for", "normalize_url", "upgrade_schema"]
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_ENGINES: dict[tuple[int, str], Engine] = {}
+_LOCK = threading.Lock()
+# Any fixed number: PostgreSQL advisory lock that serializes concurrent schema upgrades.
+_SCHEMA_LOCK_KEY = 0x6D63617264
+
+
+def normalize_url(url: str) -> str:
+    """Use the psycopg 3 driver for plain postgresql:// URLs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
+def _sqlite_engine(url: str) -> Engine:
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # WAL lets readers run beside the one writer; busy_timeout makes writers wait in
+        # turn instead of failing. We issue BEGIN ourselves (pysqlite's own is deferred).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # IMMEDIATE takes the write lock up front: a deferred transaction that reads and
+        # then writes can fail with SQLITE_BUSY when another process wrote in between.
+        readonly = connection.get_execution_options().get("mcard_readonly", False)
+        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _create_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the ledger's schema to the newest Alembic revision (safe from many processes)."""
+    from alembic import command
+    from alembic.config import Config
+
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def engine_for(url: str) -> Engine:
+    """The engine of this process for url, created (and the schema upgraded) on first use.
+
+    Keyed by process id too: a forked child must not reuse its parent's pooled connections.
+    """
+    url = normalize_url(url)
+    key = (os.getpid(), url)
+    with _LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _create_engine(url)
+            upgrade_schema(engine)
+            _ENGINES[key] = engine
+        return engine

@@ -1,0 +1,143 @@
+"""The request payloads: validation of every field, and the fingerprint of a request."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from mcard_tasks.errors import InvalidRequestError
+
+__all__ = [
+    "MintRequest",
+    "Payload",
+    "SingleBurnRequest",
+    "SingleMintRequest",
+    "canonical_json",
+    "check_request_id",
+    "fingerprint",
+    "validate_payload",
+]
+
+IDENT_MAX = 128
+METADATA_MAX_BYTES = 16 * 1024
+BATCH_MAX = 1000
+IDENT_RULE = f"must be 1 to {IDENT_MAX} characters with no whitespace or control characters"
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON spelling of a value: sorted keys, no spaces, UTF-8 kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _ident_problem(value: str) -> str | None:
+    if not 1 <= len(value) <= IDENT_MAX:
+        return f"{IDENT_RULE} (got {len(value)} characters)"
+    if any(ch.isspace() or unicodedata.category(ch).startswith("C") for ch in value):
+        return f"{IDENT_RULE} (found whitespace or a control character)"
+    return None
+
+
+def _check_ident(value: str) -> str:
+    problem = _ident_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        size = len(canonical_json(value).encode())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"must be a JSON object of JSON values ({exc})") from None
+    if size > METADATA_MAX_BYTES:
+        raise ValueError(f"must be at most {METADATA_MAX_BYTES} bytes as JSON (got {size})")
+    return value
+
+
+def _check_distinct(value: list[str]) -> list[str]:
+    seen: set[str] = set()
+    repeated = [card for card in value if card in seen or seen.add(card)]
+    if repeated:
+        raise ValueError(f"must hold distinct card ids (repeated: {', '.join(repeated[:5])})")
+    return value
+
+
+Ident = Annotated[StrictStr, AfterValidator(_check_ident)]
+Metadata = Annotated[dict[str, Any] | None, AfterValidator(_check_metadata)]
+
+
+class Payload(BaseModel):
+    """Fields shared by every request kind."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SingleMintRequest(Payload):
+    card_id: Ident
+    owner: Ident
+    metadata: Metadata = None
+
+
+class MintRequest(Payload):
+    owner: Ident
+    card_ids: Annotated[
+        list[Ident], Field(min_length=1, max_length=BATCH_MAX), AfterValidator(_check_distinct)
+    ]
+    metadata: Metadata = None
+
+
+class SingleBurnRequest(Payload):
+    card_id: Ident
+    owner: Ident
+
+
+PAYLOADS: dict[str, type[Payload]] = {
+    "mcard.mint": MintRequest,
+    "mcard.single_mint": SingleMintRequest,
+    "mcard.single_burn": SingleBurnRequest,
+}
+
+
+def _describe(error: Any) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "request"
+    if error["type"] == "missing":
+        return f"{field}: is required"
+    if error["type"] == "extra_forbidden":
+        return f"{field}: is not a field of this request"
+    if error["type"] in ("too_short", "too_long") and field == "card_ids":
+        return f"card_ids: must hold 1 to {BATCH_MAX} card ids"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{field}: {message}"
+
+
+def validate_payload(task: str, kwargs: dict[str, Any]) -> Payload:
+    """Validate a task's keyword arguments; InvalidRequestError names each field and rule."""
+    model = PAYLOADS.get(task)
+    if model is None:
+        raise InvalidRequestError([f"task: unknown task {task!r} (known: {', '.join(PAYLOADS)})"])
+    try:
+        return model.model_validate(kwargs)
+    except ValidationError as exc:
+        raise InvalidRequestError([_describe(error) for error in exc.errors()]) from None
+
+
+def check_request_id(value: object, field: str = "request_id") -> str:
+    """Validate a request ID (the Celery task id)."""
+    if not isinstance(value, str):
+        raise InvalidRequestError([f"{field}: must be a string (got {type(value).__name__})"])
+    problem = _ident_problem(value)
+    if problem:
+        raise InvalidRequestError([f"{field}: {problem}"])
+    return value
+
+
+def fingerprint(task: str, payload: Payload) -> str:
+    """A digest of what a request asks, to tell a replay from a conflicting reuse of its ID."""
+    body = canonical_json({"task": task, "kwargs": payload.model_dump()})
+    return hashlib.sha256(body.encode()).hexdigest()

@@ -1,0 +1,94 @@
+"""The task class of mcard-tasks: the producer's checks before publishing, and the worker's
+execution of a request against the ledger.
+
+On the producer, ``delay(..., request_id=R)`` and ``apply_async(kwargs=..., task_id=R)``
+publish the same message: the Celery task id IS the request ID. Every field is validated and
+a conflicting reuse of R is refused before anything is published.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject
+from celery.result import AsyncResult
+from celery.utils.log import get_task_logger
+
+from mcard_tasks.errors import ConflictError, InvalidRequestError, TransientError
+from mcard_tasks.ledger import get_ledger
+from mcard_tasks.payloads import Payload, check_request_id, validate_payload
+
+__all__ = ["RequestTask", "resolve_request_id"]
+
+logger = get_task_logger(__name__)
+
+
+def resolve_request_id(request_id: object, task_id: object) -> str:
+    """The request ID of a call: given as request_id, task_id, or both (equal), or new."""
+    if request_id is not None and task_id is not None and request_id != task_id:
+        raise InvalidRequestError(
+            [f"request_id: {request_id!r} differs from task_id {task_id!r}; they must be equal"]
+        )
+    chosen = request_id if request_id is not None else task_id
+    if chosen is None:
+        return str(uuid.uuid4())
+    return check_request_id(chosen, "request_id" if request_id is not None else "task_id")
+
+
+class RequestTask(Task):  # type: ignore[misc]
+    """A mint or burn request: validated at the producer, applied once at the worker."""
+
+    # Transient failures (ledger unreachable) are retried with exponential backoff and
+    # jitter, bounded; what still fails is rejected into the dead-letter queue.
+    autoretry_for = (TransientError,)
+    retry_backoff = 1
+    retry_backoff_max = 30
+    retry_jitter = True
+    max_retries = 5
+    # Celery's own signature check would raise TypeError before our clearer messages.
+    typing = False
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        fields = dict(kwargs or {})
+        request_id = resolve_request_id(fields.pop("request_id", None), task_id)
+        if args:
+            raise InvalidRequestError(["args: pass the request's fields as keyword arguments"])
+        payload = validate_payload(self.name, fields)
+        if self.app.conf.get("mcard_check_conflicts", True):
+            get_ledger(self.app.conf.mcard_database_url).check(self.name, request_id, payload)
+        return super().apply_async(
+            args=(), kwargs=payload.model_dump(exclude_unset=True), task_id=request_id, **options
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Worker side: the last guard, for messages that did not come through apply_async."""
+        try:
+            if args:
+                raise InvalidRequestError(["args: positional arguments are not accepted"])
+            check_request_id(self.request.id)
+            payload = validate_payload(self.name, kwargs)
+        except InvalidRequestError as exc:
+            logger.error("dead-lettering request %s: %s", self.request.id, exc)
+            raise Reject(str(exc), requeue=False) from exc
+        return self.run(**payload.model_dump())
+
+    def record(self, payload: Payload) -> dict[str, Any]:
+        """Apply the request to the ledger; return its outcome object (the first recorded)."""
+        ledger = get_ledger(self.app.conf.mcard_database_url)
+        try:
+            outcome = ledger.apply(self.name, self.request.id, payload)
+        except ConflictError as exc:
+            logger.error("dead-lettering request %s: %s", self.request.id, exc)
+            raise Reject(str(exc), requeue=False) from exc
+        result: dict[str, Any] = json.loads(outcome)
+        logger.info("request %s: %s %s", self.request.id, result["outcome"], result["reason"] or "")
+        return result

@@ -1,0 +1,63 @@
+"""A Celery result backend that reads outcomes from the ledger.
+
+The task id IS the request ID, so every message carrying R shares R's result slot. Keeping
+the outcome only in the ledger (written once, in the same transaction as the effect) means a
+duplicate or conflicting message can never replace R's first outcome: SUCCESS is whatever
+the ledger recorded. Other states (a failure before any outcome, a retry) are kept beside it
+and never shadow a recorded outcome.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from celery import states
+from celery.backends.base import BaseBackend
+
+from mcard_tasks.ledger import get_ledger
+
+__all__ = ["LedgerBackend"]
+
+
+class LedgerBackend(BaseBackend):  # type: ignore[misc]
+    """Results from the card ledger (MCARD_DATABASE_URL)."""
+
+    def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app, url=url, **kwargs)
+        self._database_url: str | None = app.conf.get("mcard_database_url")
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        if state == states.SUCCESS:
+            return result  # the ledger recorded it with the effect, in one transaction
+        ledger = get_ledger(self._database_url)
+        if ledger.outcome(task_id) is None:
+            ledger.save_task_state(task_id, state, json.dumps(result, default=str), traceback)
+        return result
+
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        ledger = get_ledger(self._database_url)
+        outcome = ledger.outcome(task_id)
+        if outcome is not None:
+            return {"task_id": task_id, "status": states.SUCCESS, "result": outcome,
+                    "traceback": None, "children": [], "date_done": outcome["recorded_at"]}
+        row = ledger.task_state(task_id)
+        if row is None:
+            return {"task_id": task_id, "status": states.PENDING, "result": None}
+        meta = {"task_id": task_id, "status": row.state, "traceback": row.traceback,
+                "result": json.loads(row.result) if row.result else None, "children": []}
+        return dict(self.meta_from_decoded(meta))
+
+    def _forget(self, task_id: str) -> None:
+        """Outcomes are the ledger's record and are never forgotten."""
+
+    def cleanup(self) -> None:
+        """Nothing expires: the ledger is the permanent record."""

@@ -1,0 +1,33 @@
+"""The three tasks: thin wrappers that hand a validated request to the ledger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcard_tasks.application import app
+from mcard_tasks.payloads import MintRequest, SingleBurnRequest, SingleMintRequest
+from mcard_tasks.producer import RequestTask
+
+__all__ = ["mint", "single_burn", "single_mint"]
+
+
+@app.task(base=RequestTask, bind=True, name="mcard.single_mint")
+def single_mint(
+    self: RequestTask, card_id: str, owner: str, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Issue one card to owner."""
+    return self.record(SingleMintRequest(card_id=card_id, owner=owner, metadata=metadata))
+
+
+@app.task(base=RequestTask, bind=True, name="mcard.mint")
+def mint(
+    self: RequestTask, owner: str, card_ids: list[str], metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Issue a batch of distinct cards to one owner, all or nothing."""
+    return self.record(MintRequest(owner=owner, card_ids=card_ids, metadata=metadata))
+
+
+@app.task(base=RequestTask, bind=True, name="mcard.single_burn")
+def single_burn(self: RequestTask, card_id: str, owner: str) -> dict[str, Any]:
+    """Destroy a card that owner holds."""
+    return self.record(SingleBurnRequest(card_id=card_id, owner=owner))

@@ -1,0 +1,125 @@
+"""The broker topology, declared once: producer, worker and operator tools all build from it.
+
+AMQP reminders, where the entities are declared:
+- ``durable`` exchanges and queues survive a broker restart; messages survive only if they are
+  also published persistent (Celery publishes tasks persistent by default).
+- Quorum queues are replicated (Raft) on a cluster and count deliveries: after
+  ``x-delivery-limit`` redeliveries a poison message is dead-lettered instead of looping.
+- ``x-dead-letter-strategy: at-least-once`` moves dead letters without loss; it requires
+  ``x-overflow: reject-publish``, and a dead letter with no bound target queue stays in its
+  source queue, so the dead-letter queues are declared with the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kombu import Exchange, Queue
+
+__all__ = [
+    "DEAD_LETTER_EXCHANGE",
+    "EVENTS_EXCHANGE",
+    "EXCHANGE",
+    "TASK_NAMES",
+    "Topology",
+    "build_topology",
+    "dlq_name",
+]
+
+EXCHANGE_NAME = "mcard"
+DEAD_LETTER_EXCHANGE_NAME = "mcard.dlx"
+EVENTS_EXCHANGE_NAME = "mcard.events"
+
+#: The task names; each is also its queue's name and its routing key (the legacy contract).
+TASK_NAMES: tuple[str, ...] = ("mcard.mint", "mcard.single_mint", "mcard.single_burn")
+
+# Topic, not direct: Celery's native delayed delivery (countdown retries on quorum queues)
+# only binds topic exchanges. Routing keys without wildcards still match exactly.
+EXCHANGE = Exchange(EXCHANGE_NAME, type="topic", durable=True)
+# Direct: each dead letter carries its source queue's name as routing key.
+DEAD_LETTER_EXCHANGE = Exchange(DEAD_LETTER_EXCHANGE_NAME, type="direct", durable=True)
+EVENTS_EXCHANGE = Exchange(EVENTS_EXCHANGE_NAME, type="topic", durable=True)
+
+
+def dlq_name(queue: str) -> str:
+    """The dead-letter queue of a task queue."""
+    return f"{queue}.dlq"
+
+
+def task_queue_arguments(
+    queue: str, queue_type: Literal["quorum", "classic"], delivery_limit: int
+) -> dict[str, Any]:
+    """The x-arguments of a task queue; changing them later needs a migration of the queue."""
+    arguments: dict[str, Any] = {
+        "x-queue-type": queue_type,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE_NAME,
+        # Fixed key: a retried message may travel with a delayed-delivery routing key.
+        "x-dead-letter-routing-key": queue,
+    }
+    if queue_type == "quorum":
+        arguments |= {
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+    return arguments
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every exchange and queue of mcard-tasks, for one queue type and delivery limit."""
+
+    task_queues: tuple[Queue, ...]
+    dead_letter_queues: tuple[Queue, ...]
+
+    @property
+    def exchanges(self) -> tuple[Exchange, ...]:
+        return (EXCHANGE, DEAD_LETTER_EXCHANGE, EVENTS_EXCHANGE)
+
+    @property
+    def routes(self) -> dict[str, dict[str, str]]:
+        """Celery's task_routes: each task to the queue of its own name."""
+        return {name: {"queue": name, "routing_key": name} for name in TASK_NAMES}
+
+    def queue(self, name: str) -> Queue:
+        for queue in self.task_queues + self.dead_letter_queues:
+            if queue.name == name:
+                return queue
+        raise KeyError(name)
+
+    def declare(self, channel: Any) -> None:
+        """Declare everything, dead-letter side first so no dead letter is ever unroutable."""
+        for exchange in self.exchanges:
+            exchange.bind(channel).declare()
+        for queue in self.dead_letter_queues + self.task_queues:
+            queue.bind(channel).declare()
+
+
+def build_topology(
+    queue_type: Literal["quorum", "classic"] = "quorum", delivery_limit: int = 5
+) -> Topology:
+    """Build the topology for the given queue type."""
+    task_queues = tuple(
+        Queue(
+            name,
+            EXCHANGE,
+            routing_key=name,
+            durable=True,
+            auto_delete=False,
+            queue_arguments=task_queue_arguments(name, queue_type, delivery_limit),
+        )
+        for name in TASK_NAMES
+    )
+    dead_letter_queues = tuple(
+        Queue(
+            dlq_name(name),
+            DEAD_LETTER_EXCHANGE,
+            routing_key=name,
+            durable=True,
+            auto_delete=False,
+            queue_arguments={"x-queue-type": queue_type},
+        )
+        for name in TASK_NAMES
+    )
+    return Topology(task_queues=task_queues, dead_letter_queues=dead_letter_queues)

@@ -1,0 +1,1 @@
+"""The mcard-tasks worker process (``python -m worker``)."""

@@ -1,0 +1,36 @@
+"""``python -m worker``: a Celery worker for the three task queues, on the MCARD_* settings.
+
+A thin wrapper over Celery's own worker (so ``celery -A mcard_tasks worker`` behaves the
+same); extra arguments are passed through to it. SIGTERM is a warm shutdown, exit 0.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mcard_tasks.application import app
+from mcard_tasks.config import get_settings
+from mcard_tasks.topology import TASK_NAMES
+
+
+def worker_argv(extra: list[str]) -> list[str]:
+    """Celery's worker arguments for the settings of this process."""
+    settings = get_settings()
+    return [
+        "worker",
+        f"--hostname={settings.worker_name}",
+        f"--loglevel={settings.log_level}",
+        f"--concurrency={settings.concurrency}",
+        f"--pool={settings.pool}",
+        f"--queues={','.join(TASK_NAMES)}",
+        "--task-events",
+        *extra,
+    ]
+
+
+def main() -> None:
+    app.worker_main(worker_argv(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

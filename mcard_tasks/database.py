@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -63,6 +64,8 @@ def upgrade_schema(engine: Engine) -> None:
     """Bring the ledger's schema to the newest Alembic revision (safe from many processes)."""
     from alembic import command
     from alembic.config import Config
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines are noise here
 
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":

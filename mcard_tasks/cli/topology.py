@@ -1,0 +1,33 @@
+"""``topology``: what mcard-tasks declares on the broker."""
+
+from __future__ import annotations
+
+import click
+
+__all__ = ["COMMANDS"]
+
+
+@click.group("topology")
+def topology() -> None:
+    """Show (and later check or declare) the broker topology."""
+
+
+@topology.command("show")
+def show() -> None:
+    """Print every exchange, queue, binding and queue argument."""
+    from mcard_tasks.config import get_settings
+    from mcard_tasks.topology import build_topology
+
+    settings = get_settings()
+    built = build_topology(settings.queue_type, settings.delivery_limit)
+    for exchange in built.exchanges:
+        click.echo(f"exchange {exchange.name} type={exchange.type} durable={exchange.durable}")
+    for queue in built.task_queues + built.dead_letter_queues:
+        click.echo(
+            f"queue {queue.name} <- exchange {queue.exchange.name} key={queue.routing_key}"
+        )
+        for key, value in sorted((queue.queue_arguments or {}).items()):
+            click.echo(f"    {key}={value}")
+
+
+COMMANDS = [topology]

@@ -162,8 +162,12 @@ class Ledger:
             if known is not None:
                 return self._replay(known, digest)
             operation = Operation(
-                request_id=request_id, task=task, fingerprint=digest, status="claimed",
-                outcome="", recorded_at=_now(),
+                request_id=request_id,
+                task=task,
+                fingerprint=digest,
+                status="claimed",
+                outcome="",
+                recorded_at=_now(),
             )
             session.add(operation)
             session.flush()  # claim the request ID before touching any card

@@ -62,7 +62,11 @@ def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _check_distinct(value: list[str]) -> list[str]:
     seen: set[str] = set()
-    repeated = [card for card in value if card in seen or seen.add(card)]
+    repeated = []
+    for card in value:
+        if card in seen:
+            repeated.append(card)
+        seen.add(card)
     if repeated:
         raise ValueError(f"must hold distinct card ids (repeated: {', '.join(repeated[:5])})")
     return value

@@ -23,9 +23,9 @@ __all__ = ["LedgerBackend"]
 class LedgerBackend(BaseBackend):  # type: ignore[misc]
     """Results from the card ledger (MCARD_DATABASE_URL)."""
 
-    def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
-        super().__init__(app, url=url, **kwargs)
-        self._database_url: str | None = app.conf.get("mcard_database_url")
+    @property
+    def _database_url(self) -> str | None:
+        return self.app.conf.get("mcard_database_url")  # type: ignore[no-any-return]
 
     def _store_result(
         self,
@@ -47,13 +47,24 @@ class LedgerBackend(BaseBackend):  # type: ignore[misc]
         ledger = get_ledger(self._database_url)
         outcome = ledger.outcome(task_id)
         if outcome is not None:
-            return {"task_id": task_id, "status": states.SUCCESS, "result": outcome,
-                    "traceback": None, "children": [], "date_done": outcome["recorded_at"]}
+            return {
+                "task_id": task_id,
+                "status": states.SUCCESS,
+                "result": outcome,
+                "traceback": None,
+                "children": [],
+                "date_done": outcome["recorded_at"],
+            }
         row = ledger.task_state(task_id)
         if row is None:
             return {"task_id": task_id, "status": states.PENDING, "result": None}
-        meta = {"task_id": task_id, "status": row.state, "traceback": row.traceback,
-                "result": json.loads(row.result) if row.result else None, "children": []}
+        meta: dict[str, Any] = {
+            "task_id": task_id,
+            "status": row.state,
+            "traceback": row.traceback,
+            "result": json.loads(row.result) if row.result else None,
+            "children": [],
+        }
         return dict(self.meta_from_decoded(meta))
 
     def _forget(self, task_id: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",

@@ -51,8 +51,9 @@ def demo(timeout: float) -> None:
     run = f"demo-{int(time.time())}"
     click.echo(f"{'request':<22} {'task':<18} {'outcome':<10} {'reason':<15} cards")
     for phase in _steps(run):
-        results = [getattr(tasks, name).delay(request_id=rid, **fields)
-                   for name, rid, fields in phase]
+        results = [
+            getattr(tasks, name).delay(request_id=rid, **fields) for name, rid, fields in phase
+        ]
         for outcome in _wait(results, timeout):
             click.echo(
                 f"{outcome['request_id']:<22} {outcome['task']:<18} {outcome['outcome']:<10}"

@@ -32,11 +32,12 @@ def _send(task_name: str, request_id: str | None, wait: float | None, **fields: 
         click.echo(json.dumps(result.get(timeout=wait, interval=0.1), sort_keys=True))
 
 
-request_id_option = click.option(
-    "--request-id", help="Idempotency key; a new UUID when omitted."
-)
+request_id_option = click.option("--request-id", help="Idempotency key; a new UUID when omitted.")
 wait_option = click.option(
-    "--wait", type=float, default=None, metavar="SECONDS",
+    "--wait",
+    type=float,
+    default=None,
+    metavar="SECONDS",
     help="Wait this long for the outcome and print it.",
 )
 
@@ -51,8 +52,9 @@ def single_mint(
     card_id: str, owner: str, metadata: str | None, request_id: str | None, wait: float | None
 ) -> None:
     """Enqueue the minting of one card."""
-    _send("single_mint", request_id, wait, card_id=card_id, owner=owner,
-          metadata=_metadata(metadata))
+    _send(
+        "single_mint", request_id, wait, card_id=card_id, owner=owner, metadata=_metadata(metadata)
+    )
 
 
 @click.command("mint")
@@ -62,12 +64,16 @@ def single_mint(
 @request_id_option
 @wait_option
 def mint(
-    owner: str, card_ids: tuple[str, ...], metadata: str | None, request_id: str | None,
+    owner: str,
+    card_ids: tuple[str, ...],
+    metadata: str | None,
+    request_id: str | None,
     wait: float | None,
 ) -> None:
     """Enqueue the minting of a batch of cards, all or nothing."""
-    _send("mint", request_id, wait, owner=owner, card_ids=list(card_ids),
-          metadata=_metadata(metadata))
+    _send(
+        "mint", request_id, wait, owner=owner, card_ids=list(card_ids), metadata=_metadata(metadata)
+    )
 
 
 @click.command("burn")

@@ -23,10 +23,8 @@ def show() -> None:
     for exchange in built.exchanges:
         click.echo(f"exchange {exchange.name} type={exchange.type} durable={exchange.durable}")
     for queue in built.task_queues + built.dead_letter_queues:
-        click.echo(
-            f"queue {queue.name} <- exchange {queue.exchange.name} key={queue.routing_key}"
-        )
-        for key, value in sorted((queue.queue_arguments or {}).items()):
+        click.echo(f"queue {queue.name} <- exchange {queue.exchange.name} key={queue.routing_key}")
+        for key, value in sorted((getattr(queue, "queue_arguments", None) or {}).items()):
             click.echo(f"    {key}={value}")
 
 

@@ -1,0 +1,187 @@
+"""Fixtures on real services: a RabbitMQ vhost, SQLite and PostgreSQL ledgers, worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SESSION, VHOST
+
+PG_ADMIN_URL = os.environ.get(
+    "MCARD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    """Poll condition until it returns a true value; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    return done.stdout
+
+
+def broker_connections(vhost: str = VHOST) -> list[dict[str, Any]]:
+    """The broker's connections on vhost, with their client-given names."""
+    rows = json.loads(
+        rabbitmqctl(
+            "list_connections", "--formatter", "json", "vhost", "client_properties", "channels"
+        )
+        or "[]"
+    )
+    found = []
+    for row in rows:
+        if row.get("vhost") != vhost:
+            continue
+        props = row.get("client_properties") or []
+        name = next((p[2] for p in props if isinstance(p, list) and p[0] == "connection_name"), "")
+        found.append({"name": name, "channels": row.get("channels", 0)})
+    return found
+
+
+@pytest.fixture(scope="session")
+def vhost() -> Iterator[str]:
+    """The test session's own vhost on the real broker, removed at the end."""
+    try:
+        rabbitmqctl("add_vhost", VHOST)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.fail(f"cannot create a vhost with rabbitmqctl (is RabbitMQ running?): {exc}")
+    rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
+    yield VHOST
+    rabbitmqctl("delete_vhost", VHOST)
+
+
+def _pg_admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(sql)
+
+
+@pytest.fixture(scope="session")
+def postgresql_url() -> Iterator[str]:
+    name = f"mcard_test_{SESSION}"
+    _pg_admin(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.sqlite3'}"
+
+
+@dataclass
+class Worker:
+    """A real worker subprocess (`python -m worker`) with its own node name."""
+
+    name: str
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def node(self) -> str:
+        return self.name
+
+    def start(self, timeout: float = 60) -> Worker:
+        from mcard_tasks import app
+
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker", *self.extra],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(
+            lambda: self._exited() or app.control.ping(destination=[self.node], timeout=0.5),
+            timeout,
+            f"worker {self.node} to answer a ping",
+        )
+        if self._exited():
+            pytest.fail(f"worker {self.node} exited: {self.log.read_text()[-3000:]}")
+        return self
+
+    def _exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.process is None or self._exited():
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+@pytest.fixture(scope="session")
+def make_worker(
+    vhost: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Worker]]:
+    """Build workers on the session vhost; every one still running at the end is stopped."""
+    started: list[Worker] = []
+    logs = tmp_path_factory.mktemp("workers")
+
+    def build(database_url: str, label: str, **settings: str) -> Worker:
+        env = dict(os.environ, MCARD_DATABASE_URL=database_url)
+        name = f"{label}-{len(started)}-{SESSION}@localhost"
+        env.update({f"MCARD_{k.upper()}": str(v) for k, v in settings.items()})
+        env["MCARD_WORKER_NAME"] = name
+        worker = Worker(name=name, env=env, log=logs / f"{label}-{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield build
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest) -> str:
+    """Each integration test runs once on an SQLite ledger and once on PostgreSQL."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture(scope="session")
+def stack(ledger_url: str, make_worker: Callable[..., Worker]) -> Iterator[Worker]:
+    """One worker on the ledger; the test process's app produces and reads on the same ledger."""
+    from mcard_tasks import app
+
+    worker = make_worker(ledger_url, "stack").start()
+    previous = app.conf.mcard_database_url
+    app.conf.mcard_database_url = ledger_url
+    yield worker
+    app.conf.mcard_database_url = previous
+    assert worker.stop() == 0, "a warm shutdown (SIGTERM) exits 0"

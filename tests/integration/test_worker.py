@@ -1,0 +1,68 @@
+"""The worker process: shared broker connections, and malformed messages set aside."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from mcard_tasks import app
+from mcard_tasks.ledger import get_ledger
+from mcard_tasks.tasks import single_mint
+from mcard_tasks.topology import build_topology, dlq_name
+from tests.fixtures import Worker, broker_connections, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def drain_dlq(queue: str) -> list[Any]:
+    """Take every message now in queue's dead-letter queue (acking them)."""
+    taken = []
+    with app.connection_for_read() as connection:
+        dlq = build_topology().queue(dlq_name(queue))(connection.default_channel)
+        while (message := dlq.get(no_ack=True)) is not None:
+            taken.append(message)
+    return taken
+
+
+def worker_connections(worker: Worker) -> list[dict[str, Any]]:
+    return [c for c in broker_connections() if c["name"].endswith(f":{worker.pid}")]
+
+
+@pytest.mark.parametrize("concurrency", [2, 16])
+def test_a_worker_holds_a_few_broker_connections_whatever_its_concurrency(
+    sqlite_url: str,
+    make_worker: Callable[..., Worker],
+    concurrency: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = make_worker(sqlite_url, f"conn{concurrency}", concurrency=str(concurrency)).start()
+    try:
+        monkeypatch.setitem(app.conf, "mcard_database_url", sqlite_url)
+        results = [
+            single_mint.delay(card_id=f"c-{uuid.uuid4().hex}", owner="o")
+            for _ in range(4 * concurrency)
+        ]
+        for result in results:
+            result.get(timeout=30, interval=0.05)
+        held = wait_for(lambda: worker_connections(worker), 20, "the worker's connections")
+        assert 1 <= len(held) <= 3, held
+        assert sum(c["channels"] for c in held) <= 8, held
+    finally:
+        assert worker.stop() == 0
+
+
+def test_a_malformed_request_is_dead_lettered_and_the_worker_goes_on(stack: Worker) -> None:
+    drain_dlq("mcard.single_mint")
+    bad_id = f"bad-{uuid.uuid4().hex}"
+    app.send_task(
+        "mcard.single_mint", kwargs={"card_id": "no spaces allowed", "owner": "o"}, task_id=bad_id
+    )
+    good = single_mint.delay(card_id=f"c-{uuid.uuid4().hex}", owner="o")
+    assert good.get(timeout=20, interval=0.05)["outcome"] == "succeeded"
+    dead = wait_for(lambda: drain_dlq("mcard.single_mint"), 20, "the dead letter")
+    assert [m.headers["id"] for m in dead] == [bad_id]
+    assert get_ledger(app.conf.mcard_database_url).outcome(bad_id) is None
+    assert stack.process is not None and stack.process.poll() is None

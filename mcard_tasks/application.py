@@ -84,6 +84,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_concurrency": settings.concurrency,
         "worker_pool": settings.pool,
+        # Undecodable, non-JSON, header-less and unknown-task messages go to the DLQ with
+        # their reason instead of being acked away (Celery's default for decode errors).
+        "worker_consumer": "mcard_tasks.deadletter:DeadLetterConsumer",
         # A warm shutdown (SIGTERM) lets running tasks finish, within bounds.
         "worker_soft_shutdown_timeout": 10.0,
     }

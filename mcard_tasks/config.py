@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     queue_type: Literal["quorum", "classic"] = "quorum"
     delivery_limit: int = Field(default=5, ge=1)
     publish_timeout: float = Field(default=5.0, gt=0)
-    broker_pool_limit: int = Field(default=4, ge=1)
+    broker_pool_limit: int = Field(default=16, ge=1)
     check_conflicts: bool = True
+    max_retries: int = Field(default=5, ge=0, le=50)
 
     @field_validator("log_level")
     @classmethod

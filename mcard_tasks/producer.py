@@ -17,7 +17,12 @@ from celery.exceptions import Reject
 from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
 
-from mcard_tasks.errors import ConflictError, InvalidRequestError, TransientError
+from mcard_tasks.errors import (
+    ConflictError,
+    InvalidRequestError,
+    LedgerUnavailableError,
+    TransientError,
+)
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.payloads import Payload, check_request_id, validate_payload
 
@@ -47,7 +52,8 @@ class RequestTask(Task):  # type: ignore[misc]
     retry_backoff = 1
     retry_backoff_max = 30
     retry_jitter = True
-    max_retries = 5
+    # Final rejections republish the message into its DLQ with the reason.
+    Request = "mcard_tasks.deadletter:DeadLetterRequest"
     # Celery's own signature check would raise TypeError before our clearer messages.
     typing = False
 
@@ -63,11 +69,21 @@ class RequestTask(Task):  # type: ignore[misc]
         if args:
             raise InvalidRequestError(["args: pass the request's fields as keyword arguments"])
         payload = validate_payload(self.name, fields)
-        if self.app.conf.get("mcard_check_conflicts", True):
-            get_ledger(self.app.conf.mcard_database_url).check(self.name, request_id, payload)
+        if self.app.conf.get("mcard_check_conflicts", True) and request_id != self.request.id:
+            self._refuse_conflict(request_id, payload)
         return super().apply_async(
             args=(), kwargs=payload.model_dump(exclude_unset=True), task_id=request_id, **options
         )
+
+    def _refuse_conflict(self, request_id: str, payload: Payload) -> None:
+        """Raise ConflictError if request_id is recorded with another payload.
+
+        An unreachable ledger does not stop the publish: the worker checks again.
+        """
+        try:
+            get_ledger(self.app.conf.mcard_database_url).check(self.name, request_id, payload)
+        except LedgerUnavailableError as exc:
+            logger.warning("publishing %s unchecked: %s", request_id, exc)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Worker side: the last guard, for messages that did not come through apply_async."""

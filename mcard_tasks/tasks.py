@@ -5,13 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from mcard_tasks.application import app
+from mcard_tasks.config import get_settings
 from mcard_tasks.payloads import MintRequest, SingleBurnRequest, SingleMintRequest
 from mcard_tasks.producer import RequestTask
 
 __all__ = ["mint", "single_burn", "single_mint"]
 
+OPTIONS: dict[str, Any] = {
+    "base": RequestTask,
+    "bind": True,
+    "max_retries": get_settings().max_retries,
+}
 
-@app.task(base=RequestTask, bind=True, name="mcard.single_mint")
+
+@app.task(name="mcard.single_mint", **OPTIONS)
 def single_mint(
     self: RequestTask, card_id: str, owner: str, metadata: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -19,7 +26,7 @@ def single_mint(
     return self.record(SingleMintRequest(card_id=card_id, owner=owner, metadata=metadata))
 
 
-@app.task(base=RequestTask, bind=True, name="mcard.mint")
+@app.task(name="mcard.mint", **OPTIONS)
 def mint(
     self: RequestTask, owner: str, card_ids: list[str], metadata: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -27,7 +34,7 @@ def mint(
     return self.record(MintRequest(owner=owner, card_ids=card_ids, metadata=metadata))
 
 
-@app.task(base=RequestTask, bind=True, name="mcard.single_burn")
+@app.task(name="mcard.single_burn", **OPTIONS)
 def single_burn(self: RequestTask, card_id: str, owner: str) -> dict[str, Any]:
     """Destroy a card that owner holds."""
     return self.record(SingleBurnRequest(card_id=card_id, owner=owner))

@@ -60,6 +60,19 @@ def broker_connections(vhost: str = VHOST) -> list[dict[str, Any]]:
     return found
 
 
+def drain_dlq(queue: str) -> list[Any]:
+    """Take every message now in queue's dead-letter queue (acking them)."""
+    from mcard_tasks import app
+    from mcard_tasks.topology import build_topology, dlq_name
+
+    taken = []
+    with app.connection_for_read() as connection:
+        dlq = build_topology().queue(dlq_name(queue))(connection.default_channel)
+        while (message := dlq.get(no_ack=True)) is not None:
+            taken.append(message)
+    return taken
+
+
 @pytest.fixture(scope="session")
 def vhost() -> Iterator[str]:
     """The test session's own vhost on the real broker, removed at the end."""
@@ -117,6 +130,7 @@ class Worker:
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, for kill()
             )
         wait_for(
             lambda: self._exited() or app.control.ping(destination=[self.node], timeout=0.5),
@@ -140,6 +154,16 @@ class Worker:
             self.process.kill()
             return self.process.wait(10)
 
+    def kill(self) -> None:
+        """SIGKILL the worker and every process of its group (pool children included)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def children(self) -> list[int]:
+        found = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in found.stdout.split()]
+
     @property
     def pid(self) -> int:
         assert self.process is not None
@@ -147,19 +171,21 @@ class Worker:
 
 
 @pytest.fixture(scope="session")
-def make_worker(
+def worker_factory(
     vhost: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Worker]]:
-    """Build workers on the session vhost; every one still running at the end is stopped."""
+    """Build workers on the session vhost; any still running at the end is stopped."""
     started: list[Worker] = []
     logs = tmp_path_factory.mktemp("workers")
 
-    def build(database_url: str, label: str, **settings: str) -> Worker:
+    def build(database_url: str, label: str, *extra: str, **settings: str) -> Worker:
         env = dict(os.environ, MCARD_DATABASE_URL=database_url)
         name = f"{label}-{len(started)}-{SESSION}@localhost"
         env.update({f"MCARD_{k.upper()}": str(v) for k, v in settings.items()})
         env["MCARD_WORKER_NAME"] = name
-        worker = Worker(name=name, env=env, log=logs / f"{label}-{len(started)}.log")
+        worker = Worker(
+            name=name, env=env, log=logs / f"{label}-{len(started)}.log", extra=list(extra)
+        )
         started.append(worker)
         return worker
 
@@ -168,20 +194,42 @@ def make_worker(
         worker.stop()
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+@pytest.fixture
+def make_worker(worker_factory: Callable[..., Worker]) -> Iterator[Callable[..., Worker]]:
+    """Build workers for one test; each is stopped when the test ends, pass or fail."""
+    mine: list[Worker] = []
+
+    def build(*args: str, **settings: str) -> Worker:
+        worker = worker_factory(*args, **settings)
+        mine.append(worker)
+        return worker
+
+    yield build
+    for worker in mine:
+        worker.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def ledger_url(request: pytest.FixtureRequest) -> str:
     """Each integration test runs once on an SQLite ledger and once on PostgreSQL."""
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 
-@pytest.fixture(scope="session")
-def stack(ledger_url: str, make_worker: Callable[..., Worker]) -> Iterator[Worker]:
-    """One worker on the ledger; the test process's app produces and reads on the same ledger."""
+def use_ledger(url: str) -> None:
+    """Point this process's producers and result reads at the ledger url."""
     from mcard_tasks import app
 
-    worker = make_worker(ledger_url, "stack").start()
-    previous = app.conf.mcard_database_url
-    app.conf.mcard_database_url = ledger_url
+    app.conf.mcard_database_url = url
+
+
+@pytest.fixture(scope="module")
+def stack(ledger_url: str, worker_factory: Callable[..., Worker]) -> Iterator[Worker]:
+    """One worker on the ledger; the test process's app produces and reads on the same ledger.
+
+    Module scope: the only worker on the session vhost while its module runs, so no other
+    worker (on another ledger) takes its messages.
+    """
+    worker = worker_factory(ledger_url, "stack").start()
+    use_ledger(ledger_url)
     yield worker
-    app.conf.mcard_database_url = previous
     assert worker.stop() == 0, "a warm shutdown (SIGTERM) exits 0"

@@ -11,20 +11,9 @@ import pytest
 from mcard_tasks import app
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.tasks import single_mint
-from mcard_tasks.topology import build_topology, dlq_name
-from tests.fixtures import Worker, broker_connections, wait_for
+from tests.fixtures import Worker, broker_connections, drain_dlq, use_ledger, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def drain_dlq(queue: str) -> list[Any]:
-    """Take every message now in queue's dead-letter queue (acking them)."""
-    taken = []
-    with app.connection_for_read() as connection:
-        dlq = build_topology().queue(dlq_name(queue))(connection.default_channel)
-        while (message := dlq.get(no_ack=True)) is not None:
-            taken.append(message)
-    return taken
 
 
 def worker_connections(worker: Worker) -> list[dict[str, Any]]:
@@ -36,11 +25,10 @@ def test_a_worker_holds_a_few_broker_connections_whatever_its_concurrency(
     sqlite_url: str,
     make_worker: Callable[..., Worker],
     concurrency: int,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     worker = make_worker(sqlite_url, f"conn{concurrency}", concurrency=str(concurrency)).start()
     try:
-        monkeypatch.setitem(app.conf, "mcard_database_url", sqlite_url)
+        use_ledger(sqlite_url)
         results = [
             single_mint.delay(card_id=f"c-{uuid.uuid4().hex}", owner="o")
             for _ in range(4 * concurrency)
@@ -54,7 +42,11 @@ def test_a_worker_holds_a_few_broker_connections_whatever_its_concurrency(
         assert worker.stop() == 0
 
 
-def test_a_malformed_request_is_dead_lettered_and_the_worker_goes_on(stack: Worker) -> None:
+def test_a_malformed_request_is_dead_lettered_and_the_worker_goes_on(
+    sqlite_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    stack = make_worker(sqlite_url, "malformed").start()
+    use_ledger(sqlite_url)
     drain_dlq("mcard.single_mint")
     bad_id = f"bad-{uuid.uuid4().hex}"
     app.send_task(
@@ -66,3 +58,4 @@ def test_a_malformed_request_is_dead_lettered_and_the_worker_goes_on(stack: Work
     assert [m.headers["id"] for m in dead] == [bad_id]
     assert get_ledger(app.conf.mcard_database_url).outcome(bad_id) is None
     assert stack.process is not None and stack.process.poll() is None
+    assert stack.stop() == 0

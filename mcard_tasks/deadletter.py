@@ -1,0 +1,122 @@
+"""Dead-lettering with a reason: nothing unprocessable is dropped, nothing is applied.
+
+Every way a message can be unprocessable (undecodable body, a content type other than JSON,
+no Celery headers, an unknown task, invalid fields, a conflict, a transient failure that
+outlasted its retries) ends in its queue's ``.dlq``. The message is republished unchanged to
+the dead-letter exchange with an ``x-mcard-reason`` header, confirmed, and only then acked;
+if that publish fails, the message is rejected and RabbitMQ dead-letters it itself (the queue
+has a dead-letter exchange), without the header but never lost. A crash between the confirmed
+republish and the ack can leave a second copy in the DLQ: replays are idempotent by request ID.
+
+Celery's consumer acks undecodable messages away by default; the consumer class below turns
+that and its other give-up paths into dead letters. The request class does the same for task
+rejections, so the reason travels with the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from celery.worker.consumer import Consumer
+from celery.worker.request import Request
+
+from mcard_tasks.topology import DEAD_LETTER_EXCHANGE, TASK_NAMES
+
+__all__ = ["REASON_HEADER", "DeadLetterConsumer", "DeadLetterRequest", "dead_letter"]
+
+logger = logging.getLogger(__name__)
+REASON_HEADER = "x-mcard-reason"
+_REASON_MAX = 2000
+
+
+def source_queue(message: Any) -> str | None:
+    """The task queue a message came from, read from its routing key.
+
+    A message that went through Celery's delayed delivery carries a longer routing key that
+    ends with the queue's name.
+    """
+    key = str((message.delivery_info or {}).get("routing_key") or "")
+    return next((name for name in TASK_NAMES if key == name or key.endswith("." + name)), None)
+
+
+def dead_letter(app: Any, message: Any, reason: str) -> None:
+    """Move message to its queue's DLQ with reason; fall back to a plain reject."""
+    queue = source_queue(message)
+    logger.error(
+        "dead-lettering message %s from %s: %s", (message.headers or {}).get("id"), queue, reason
+    )
+    if queue is not None:
+        try:
+            _republish(app, message, queue, reason)
+        except Exception:  # any failure: let the broker dead-letter it instead
+            logger.exception("could not republish to %s; rejecting instead", DEAD_LETTER_EXCHANGE)
+        else:
+            message.ack()
+            return
+    message.reject(requeue=False)
+
+
+def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
+    headers = dict(message.headers or {})
+    headers[REASON_HEADER] = reason[:_REASON_MAX]
+    headers["x-mcard-queue"] = queue
+    properties = message.properties or {}
+    with app.producer_pool.acquire(block=True, timeout=10) as producer:
+        producer.publish(
+            message.body,
+            exchange=DEAD_LETTER_EXCHANGE.name,
+            routing_key=queue,
+            headers=headers,
+            content_type=message.content_type or "application/octet-stream",
+            content_encoding=message.content_encoding or "binary",
+            delivery_mode=2,
+            correlation_id=properties.get("correlation_id"),
+            message_id=properties.get("message_id"),
+            retry=False,
+        )
+
+
+class DeadLetterConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, with every give-up path ending in the DLQ instead of an ack."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        dead_letter(self.app, message, f"undecodable body ({message.content_type}): {exc}")
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        dead_letter(self.app, message, "not a Celery task message (no task headers)")
+        signals.task_rejected.send(sender=self, message=message, exc=None)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        name = (message.headers or {}).get("task")
+        dead_letter(self.app, message, f"unknown task name {name!r}")
+        signals.task_unknown.send(
+            sender=self, message=message, exc=exc, name=name, id=(message.headers or {}).get("id")
+        )
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        dead_letter(self.app, message, f"invalid task message: {exc}")
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+
+class DeadLetterRequest(Request):  # type: ignore[misc]
+    """A task request whose final rejection carries its reason into the DLQ."""
+
+    _mcard_reason = "rejected"
+    acknowledged: bool
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        self._mcard_reason = f"{type(exc).__name__}: {exc}"
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def reject(self, requeue: bool = False) -> None:
+        if requeue or self.acknowledged:
+            super().reject(requeue=requeue)
+            return
+        dead_letter(self.task.app, self._message, self._mcard_reason)
+        self.acknowledged = True
+        self.send_event("task-rejected", requeue=False)

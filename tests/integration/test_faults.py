@@ -1,0 +1,264 @@
+"""Exactly once under real faults: malformed messages, killed processes, a restarted broker.
+
+Every test asserts the end state in the ledger (Celery's result slot keeps the first success
+and would hide a second run), bounds every wait, and leaves its worker stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from kombu import Connection, Producer
+
+from mcard_tasks import app
+from mcard_tasks.deadletter import REASON_HEADER
+from mcard_tasks.ledger import Ledger, get_ledger
+from mcard_tasks.tasks import single_burn, single_mint
+from tests.fixtures import Worker, drain_dlq, rabbitmqctl, use_ledger, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def publish_raw(body: bytes, headers: dict[str, Any] | None, content_type: str) -> None:
+    """Publish bytes straight to exchange mcard, as a foreign or broken producer would."""
+    with Connection(app.conf.broker_url) as connection:
+        producer = Producer(connection.default_channel)
+        producer.publish(
+            body,
+            exchange="mcard",
+            routing_key="mcard.single_mint",
+            headers=headers or {},
+            content_type=content_type,
+            content_encoding="utf-8",
+            serializer=None,
+            delivery_mode=2,
+        )
+
+
+def celery_headers(task: str = "mcard.single_mint", task_id: str | None = None) -> dict[str, Any]:
+    task_id = task_id or f"raw-{uuid.uuid4().hex}"
+    return {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "argsrepr": "()",
+        "kwargsrepr": "{}",
+        "retries": 0,
+    }
+
+
+def celery_body(**kwargs: Any) -> bytes:
+    return json.dumps(
+        [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    ).encode()
+
+
+def send_mints(count: int) -> dict[str, str]:
+    """Enqueue count single_mints of distinct cards; request ID -> card."""
+    run = uuid.uuid4().hex[:8]
+    sent = {f"m-{run}-{i}": f"card-{run}-{i}" for i in range(count)}
+    for request_id, card in sent.items():
+        single_mint.delay(card_id=card, owner="alice", request_id=request_id)
+    return sent
+
+
+def recorded(ledger: Ledger, request_ids: list[str]) -> int:
+    return sum(ledger.outcome(request_id) is not None for request_id in request_ids)
+
+
+def assert_each_minted_exactly_once(ledger: Ledger, sent: dict[str, str]) -> None:
+    for request_id, card in sent.items():
+        outcome = ledger.outcome(request_id)
+        assert outcome is not None, f"{request_id} has no outcome"
+        # A redelivered request whose effect committed returns the stored outcome: never
+        # "already_minted" by its own first run.
+        assert (outcome["outcome"], outcome["card_ids"]) == ("succeeded", [card]), outcome
+        stored = ledger.card(card)
+        assert stored is not None and stored.minted_by == request_id
+
+
+MALFORMED: list[tuple[str, bytes, dict[str, Any] | None, str, str]] = [
+    ("broken JSON", b'[[], {"card_id": ', celery_headers(), "application/json", "undecodable"),
+    (
+        "pickle",
+        pickle.dumps(([], {"card_id": "c", "owner": "o"}, {})),
+        celery_headers(),
+        "application/x-python-serialize",
+        "invalid task message",
+    ),
+    ("text/plain", b"mint card c for o", celery_headers(), "text/plain", "invalid task message"),
+    (
+        "no Celery headers",
+        json.dumps({"card_id": "c", "owner": "o"}).encode(),
+        None,
+        "application/json",
+        "no task headers",
+    ),
+    (
+        "unknown task",
+        celery_body(card_id="c", owner="o"),
+        celery_headers("mcard.melt"),
+        "application/json",
+        "unknown task name",
+    ),
+    (
+        "missing field",
+        celery_body(owner="o"),
+        celery_headers(),
+        "application/json",
+        "card_id: is required",
+    ),
+    (
+        "mistyped field",
+        celery_body(card_id=42, owner="o"),
+        celery_headers(),
+        "application/json",
+        "card_id",
+    ),
+    (
+        "invalid request id",
+        celery_body(card_id="c", owner="o"),
+        celery_headers(task_id="bad id"),
+        "application/json",
+        "request_id",
+    ),
+]
+
+
+def test_every_kind_of_malformed_message_is_dead_lettered_with_its_reason(
+    sqlite_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    worker = make_worker(sqlite_url, "malformed", pool="prefork", concurrency="2").start()
+    use_ledger(sqlite_url)
+    drain_dlq("mcard.single_mint")
+    for _, body, headers, content_type, _ in MALFORMED:
+        publish_raw(body, headers, content_type)
+    good = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+    assert good.get(timeout=30, interval=0.05)["outcome"] == "succeeded"
+    dead: list[Any] = []
+    wait_for(
+        lambda: dead.extend(drain_dlq("mcard.single_mint")) or len(dead) >= len(MALFORMED),
+        30,
+        "every malformed message in the DLQ",
+        every=0.2,
+    )
+    reasons = sorted(str(m.headers.get(REASON_HEADER)) for m in dead)
+    assert len(dead) == len(MALFORMED), reasons
+    for kind, *_, expected in MALFORMED:
+        assert any(expected in reason for reason in reasons), (kind, reasons)
+    assert worker.process is not None and worker.process.poll() is None, "the worker goes on"
+    assert worker.stop() == 0
+
+
+def test_a_pool_child_killed_mid_stream_loses_and_doubles_nothing(
+    postgresql_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    worker = make_worker(postgresql_url, "killchild", pool="prefork", concurrency="2").start()
+    use_ledger(postgresql_url)
+    ledger = get_ledger(postgresql_url)
+    sent = send_mints(300)
+    ids = list(sent)
+    wait_for(lambda: recorded(ledger, ids) >= 30, 60, "the stream to start")
+    killed = 0
+    for child in worker.children()[:2]:
+        subprocess.run(["kill", "-KILL", str(child)], check=False)
+        killed += 1
+    assert killed, "the worker had pool children to kill"
+    wait_for(lambda: recorded(ledger, ids) == len(ids), 120, "every request's outcome", every=0.5)
+    assert_each_minted_exactly_once(ledger, sent)
+    assert worker.process is not None and worker.process.poll() is None
+    assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_worker_killed_outright_mid_stream_loses_and_doubles_nothing(
+    postgresql_url: str, make_worker: Callable[..., Worker], pool: str
+) -> None:
+    use_ledger(postgresql_url)
+    ledger = get_ledger(postgresql_url)
+    first = make_worker(postgresql_url, f"killmain-{pool}", pool=pool).start()
+    sent = send_mints(300)
+    ids = list(sent)
+    wait_for(lambda: recorded(ledger, ids) >= 30, 60, "the stream to start")
+    first.kill()
+    done_at_kill = recorded(ledger, ids)
+    second = make_worker(postgresql_url, f"restarted-{pool}", pool=pool).start()
+    wait_for(lambda: recorded(ledger, ids) == len(ids), 120, "every request's outcome", every=0.5)
+    assert done_at_kill < len(ids), "the kill happened mid-stream"
+    assert_each_minted_exactly_once(ledger, sent)
+    assert second.stop() == 0
+
+
+def test_a_task_that_kills_its_process_stops_at_the_delivery_limit_in_the_dlq(
+    sqlite_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    worker = make_worker(
+        sqlite_url, "poison", "-I", "tests.crash_tasks", pool="prefork", concurrency="2"
+    ).start()
+    use_ledger(sqlite_url)
+    drain_dlq("mcard.single_mint")
+    app.send_task("mcard.test.kill_self", queue="mcard.single_mint")
+    dead = wait_for(
+        lambda: drain_dlq("mcard.single_mint"), 90, "the poison message in the DLQ", every=0.5
+    )
+    assert [m.headers["task"] for m in dead] == ["mcard.test.kill_self"]
+    deaths = dead[0].headers.get("x-death") or []
+    assert any(d.get("reason") == "delivery_limit" for d in deaths), deaths
+    after = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+    assert after.get(timeout=30, interval=0.05)["outcome"] == "succeeded", "the worker goes on"
+    assert worker.stop() == 0
+
+
+def test_a_broker_restart_during_a_stream_of_burns_loses_and_doubles_nothing(
+    postgresql_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    worker = make_worker(postgresql_url, "restart").start()
+    use_ledger(postgresql_url)
+    ledger = get_ledger(postgresql_url)
+    minted = send_mints(150)
+    wait_for(lambda: recorded(ledger, list(minted)) == len(minted), 60, "the mints")
+    burns = {f"b-{request_id}": card for request_id, card in minted.items()}
+    errors: list[str] = []
+
+    def stream() -> None:
+        for request_id, card in burns.items():
+            deadline = time.monotonic() + 90
+            while True:  # a client retrying with the same request ID: idempotent
+                try:
+                    single_burn.delay(card_id=card, owner="alice", request_id=request_id)
+                    break
+                except Exception as exc:
+                    if time.monotonic() > deadline:
+                        errors.append(f"{request_id}: {exc}")
+                        return
+                    time.sleep(0.5)
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    wait_for(lambda: recorded(ledger, list(burns)) >= 20, 60, "the burns to start")
+    done_at_stop = recorded(ledger, list(burns))
+    rabbitmqctl("stop_app")
+    time.sleep(2)
+    rabbitmqctl("start_app")
+    rabbitmqctl("await_startup")
+    sender.join(120)
+    assert not sender.is_alive() and not errors, errors
+    wait_for(
+        lambda: recorded(ledger, list(burns)) == len(burns), 150, "every burn's outcome", every=0.5
+    )
+    assert done_at_stop < len(burns), "the broker stopped mid-stream"
+    for request_id, card in burns.items():
+        outcome = ledger.outcome(request_id)
+        assert outcome is not None and outcome["outcome"] == "succeeded", outcome
+        stored = ledger.card(card)
+        assert stored is not None and stored.burned_by == request_id
+    assert worker.stop() == 0

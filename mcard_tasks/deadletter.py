@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from celery import signals
+from celery.exceptions import Reject
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
@@ -110,7 +111,8 @@ class DeadLetterRequest(Request):  # type: ignore[misc]
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
-        self._mcard_reason = f"{type(exc).__name__}: {exc}"
+        text = exc.reason if isinstance(exc, Reject) else exc
+        self._mcard_reason = f"{type(exc).__name__}: {text}"
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def reject(self, requeue: bool = False) -> None:

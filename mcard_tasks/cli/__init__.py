@@ -55,9 +55,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from mcard_tasks.cli import demo, enqueue, status, topology
+    from mcard_tasks.cli import demo, dlq, enqueue, status, topology
 
-    for module in (enqueue, status, topology, demo):
+    for module in (enqueue, status, topology, dlq, demo):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -9,7 +9,7 @@ __all__ = ["COMMANDS"]
 
 @click.group("topology")
 def topology() -> None:
-    """Show (and later check or declare) the broker topology."""
+    """Show, check or declare the broker topology."""
 
 
 @topology.command("show")
@@ -26,6 +26,32 @@ def show() -> None:
         click.echo(f"queue {queue.name} <- exchange {queue.exchange.name} key={queue.routing_key}")
         for key, value in sorted((getattr(queue, "queue_arguments", None) or {}).items()):
             click.echo(f"    {key}={value}")
+
+
+@topology.command("check")
+def check() -> None:
+    """Compare the broker with the declared topology; exit 1 and explain any drift."""
+    import sys
+
+    from mcard_tasks import app
+    from mcard_tasks.operations import check_topology
+
+    problems = check_topology(app)
+    for problem in problems:
+        click.secho(f"drift: {problem}", fg="red", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo("topology matches the broker")
+
+
+@topology.command("declare")
+def declare() -> None:
+    """Declare every exchange and queue (dead-letter side first)."""
+    from mcard_tasks import app
+    from mcard_tasks.operations import declare_topology
+
+    declare_topology(app)
+    click.echo("declared the mcard topology")
 
 
 COMMANDS = [topology]

@@ -1,0 +1,199 @@
+"""Operator actions on the broker: topology checks, queue depths, dead-letter queues.
+
+Nothing here needs RabbitMQ's management plugin: it uses passive declares and basic.get.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from amqp.exceptions import NotFound, PreconditionFailed
+from celery import Celery
+
+from mcard_tasks.deadletter import REASON_HEADER
+from mcard_tasks.topology import EXCHANGE, TASK_NAMES, Topology, build_topology, dlq_name
+
+__all__ = [
+    "DeadLetter",
+    "QueueDepth",
+    "check_topology",
+    "dead_letters",
+    "declare_topology",
+    "purge_dlq",
+    "queue_depths",
+    "replay_dlq",
+    "topology_of",
+]
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for queue '(?P<queue>[^']+)'.*?"
+    r"received (?P<ours>.+?) but current is (?P<theirs>.+?)$"
+)
+
+
+def topology_of(app: Celery) -> Topology:
+    return build_topology(app.conf.mcard_queue_type, app.conf.mcard_delivery_limit)
+
+
+@contextmanager
+def _channel(app: Celery) -> Iterator[Any]:
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1)
+        yield connection.default_channel
+
+
+def declare_topology(app: Celery) -> None:
+    """Declare every exchange and queue (idempotent when nothing drifted)."""
+    with _channel(app) as channel:
+        topology_of(app).declare(channel)
+
+
+def _explain(exc: PreconditionFailed) -> str:
+    found = _INEQUIVALENT.search(str(exc))
+    if not found:
+        return str(exc)
+    return (
+        f"queue {found['queue']} has {found['arg']} = {found['theirs']} on the broker but the"
+        f" topology says {found['ours']}: the queue must be drained and re-declared"
+        " (or MCARD_* changed back) before workers and producers can use it"
+    )
+
+
+def check_topology(app: Celery) -> list[str]:
+    """Problems found between the broker and the declared topology (empty when all is well)."""
+    problems: list[str] = []
+    topology = topology_of(app)
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1)
+        for exchange in topology.exchanges:
+            try:
+                exchange(connection.channel()).declare(passive=True)
+            except NotFound:
+                problems.append(f"exchange {exchange.name} is missing")
+        for queue in topology.task_queues + topology.dead_letter_queues:
+            try:
+                queue(connection.channel()).queue_declare(passive=True)
+            except NotFound:
+                problems.append(f"queue {queue.name} is missing")
+                continue
+            try:  # an equivalent declare is a no-op; a different argument is refused
+                queue(connection.channel()).queue_declare()
+            except PreconditionFailed as exc:
+                problems.append(_explain(exc))
+    return problems
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    name: str
+    ready: int
+    consumers: int
+
+
+def queue_depths(app: Celery) -> list[QueueDepth]:
+    """Ready messages and consumers of every task and dead-letter queue (passive declares)."""
+    depths = []
+    topology = topology_of(app)
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1)
+        for queue in topology.task_queues + topology.dead_letter_queues:
+            try:
+                ok = queue(connection.channel()).queue_declare(passive=True)
+            except NotFound:
+                depths.append(QueueDepth(queue.name, -1, 0))
+                continue
+            depths.append(QueueDepth(queue.name, ok.message_count, ok.consumer_count))
+    return depths
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    request_id: str | None
+    task: str | None
+    reason: str
+    deaths: int
+    body: str
+
+
+def _describe(message: Any) -> DeadLetter:
+    headers = message.headers or {}
+    deaths = headers.get("x-death") or []
+    reason = headers.get(REASON_HEADER) or ", ".join(
+        f"{d.get('reason')} in {d.get('queue')}" for d in deaths
+    )
+    raw = message.body
+    body = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", "replace")
+    return DeadLetter(
+        request_id=headers.get("id"),
+        task=headers.get("task"),
+        reason=str(reason or "unknown"),
+        deaths=sum(int(d.get("count", 1)) for d in deaths),
+        body=body[:500],
+    )
+
+
+def _dlq(queue: str) -> str:
+    if queue in TASK_NAMES:
+        return dlq_name(queue)
+    if queue.removesuffix(".dlq") in TASK_NAMES and queue.endswith(".dlq"):
+        return queue
+    raise ValueError(f"unknown queue {queue!r}; one of: {', '.join(TASK_NAMES)}")
+
+
+def dead_letters(app: Celery, queue: str, limit: int = 50) -> list[DeadLetter]:
+    """Look at up to limit dead letters of queue without removing them."""
+    name = _dlq(queue)
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        dlq = topology_of(app).queue(name)(channel)
+        seen: list[DeadLetter] = []
+        while len(seen) < limit and (message := dlq.get(no_ack=False)) is not None:
+            seen.append(_describe(message))
+        channel.close()  # unacked messages go back to the queue
+    return seen
+
+
+def replay_dlq(app: Celery, queue: str, limit: int | None = None) -> int:
+    """Republish dead letters to their task queue with the same request ID; return how many.
+
+    Each is published with confirms and acked from the DLQ only after the broker took it, so
+    a crash midway duplicates at worst, and the ledger makes a duplicate harmless.
+    """
+    name = _dlq(queue)
+    source = name.removesuffix(".dlq")
+    replayed = 0
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        dlq = topology_of(app).queue(name)(channel)
+        producer = app.amqp.Producer(connection.channel())
+        while limit is None or replayed < limit:
+            message = dlq.get(no_ack=False)
+            if message is None:
+                break
+            headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")}
+            producer.publish(
+                message.body,
+                exchange=EXCHANGE.name,
+                routing_key=source,
+                headers=headers,
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                delivery_mode=2,
+                serializer=None,
+                retry=True,
+                correlation_id=(message.properties or {}).get("correlation_id"),
+            )
+            message.ack()
+            replayed += 1
+    return replayed
+
+
+def purge_dlq(app: Celery, queue: str) -> int:
+    """Delete every dead letter of queue; return how many."""
+    name = _dlq(queue)
+    with _channel(app) as channel:
+        return int(topology_of(app).queue(name)(channel).purge() or 0)

@@ -1,0 +1,103 @@
+"""Operator commands on the real broker: topology check/declare, dlq show/replay/purge."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+
+import pytest
+from click.testing import CliRunner
+
+from mcard_tasks import app
+from mcard_tasks.cli import main
+from mcard_tasks.ledger import get_ledger
+from mcard_tasks.operations import queue_depths
+from mcard_tasks.tasks import single_mint
+from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
+from tests.fixtures import Worker, drain_dlq, use_ledger, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def dead_letter_a_valid_request(request_id: str, card: str) -> None:
+    """Put a well-formed request straight into the single_mint DLQ, as a retry-exhausted one."""
+    body = json.dumps([[], {"card_id": card, "owner": "alice"}, {}])
+    headers = {
+        "lang": "py",
+        "task": "mcard.single_mint",
+        "id": request_id,
+        "retries": 0,
+        "x-mcard-reason": "LedgerUnavailableError: simulated outage",
+    }
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            body,
+            exchange=DEAD_LETTER_EXCHANGE.name,
+            routing_key="mcard.single_mint",
+            headers=headers,
+            content_type="application/json",
+            content_encoding="utf-8",
+            serializer=None,
+            delivery_mode=2,
+        )
+
+
+def depth(queue: str) -> int:
+    return next(d.ready for d in queue_depths(app) if d.name == queue)
+
+
+def test_topology_declare_then_check_finds_no_drift(vhost: str) -> None:
+    assert run("topology", "declare")[0] == 0
+    code, output = run("topology", "check")
+    assert (code, output.strip()) == (0, "topology matches the broker")
+
+
+def test_topology_check_explains_a_changed_queue_argument_in_plain_words(
+    vhost: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run("topology", "declare")[0] == 0
+    monkeypatch.setitem(app.conf, "mcard_delivery_limit", 9)
+    code, output = run("topology", "check")
+    assert code == 1
+    assert "x-delivery-limit" in output and "mcard.mint" in output
+    assert "PRECONDITION_FAILED" not in output
+
+
+def test_dlq_show_replay_and_purge(sqlite_url: str, make_worker: Callable[..., Worker]) -> None:
+    use_ledger(sqlite_url)
+    assert run("topology", "declare")[0] == 0
+    drain_dlq("mcard.single_mint")
+    request_id, card = f"dl-{uuid.uuid4().hex}", f"card-{uuid.uuid4().hex}"
+    dead_letter_a_valid_request(request_id, card)
+    code, output = run("dlq", "show", "mcard.single_mint")
+    assert code == 0 and request_id in output and "simulated outage" in output
+    code, output = run("dlq", "list")
+    assert "mcard.single_mint.dlq" in output
+
+    make_worker(sqlite_url, "replay").start()
+    assert run("dlq", "replay", "mcard.single_mint") == (
+        0,
+        "replayed 1 message(s) to mcard.single_mint\n",
+    )
+    ledger = get_ledger(sqlite_url)
+    first = wait_for(lambda: ledger.outcome(request_id), 30, "the replayed request's outcome")
+    assert first["outcome"] == "succeeded"
+
+    dead_letter_a_valid_request(request_id, card)  # the same request dead-lettered again
+    assert run("dlq", "replay", "mcard.single_mint")[0] == 0
+    wait_for(lambda: depth("mcard.single_mint") == 0, 30, "the replayed copy to be consumed")
+    later = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+    assert later.get(timeout=30, interval=0.05)["outcome"] == "succeeded"
+    assert ledger.outcome(request_id) == first, "a replay stays exactly once"
+    stored = ledger.card(card)
+    assert stored is not None and stored.minted_by == request_id
+
+    dead_letter_a_valid_request(f"dl-{uuid.uuid4().hex}", card)
+    assert run("dlq", "purge", "mcard.single_mint", "--yes")[0] == 0
+    assert drain_dlq("mcard.single_mint") == []

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from mcard_tasks.bootsteps import DeclareTopology
+from mcard_tasks.bootsteps import DeclareTopology, RelayOutbox
 from mcard_tasks.config import Settings, get_settings
 from mcard_tasks.topology import EXCHANGE, build_topology
 
@@ -29,6 +29,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "mcard_check_conflicts": settings.check_conflicts,
         "mcard_queue_type": settings.queue_type,
         "mcard_delivery_limit": settings.delivery_limit,
+        "mcard_events_poll_interval": settings.events_poll_interval,
         # Topology: built once in topology.py, shared by producer and worker. Celery detects
         # quorum queues only from its own config, so both sides must use the same list.
         "task_queues": topology.task_queues,
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = Celery("mcard_tasks", include=["mcard_tasks.tasks"])
     app.conf.update(celery_config(settings or get_settings()))
     app.steps["consumer"].add(DeclareTopology)
+    app.steps["worker"].add(RelayOutbox)
     return app
 
 

@@ -9,7 +9,7 @@ from celery import bootsteps
 
 from mcard_tasks.topology import build_topology
 
-__all__ = ["DeclareTopology"]
+__all__ = ["DeclareTopology", "RelayOutbox"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,3 +29,21 @@ class DeclareTopology(bootsteps.StartStopStep):  # type: ignore[misc]
         topology = build_topology(conf.mcard_queue_type, conf.mcard_delivery_limit)
         topology.declare(parent.connection.default_channel)
         logger.info("declared the mcard topology (%s queues)", conf.mcard_queue_type)
+
+
+class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Run the outbox relay in the worker's main process (pool children never publish)."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.relay: Any = None
+
+    def start(self, parent: Any) -> None:
+        from mcard_tasks.events import relay_for
+
+        self.relay = relay_for(parent.app)
+        self.relay.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.relay is not None:
+            self.relay.stop()

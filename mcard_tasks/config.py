@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     broker_pool_limit: int = Field(default=16, ge=1)
     check_conflicts: bool = True
     max_retries: int = Field(default=5, ge=0, le=50)
+    issuer: str = "ledger"
+    issuer_latency_ms: float = Field(default=50.0, ge=0)
+    issuer_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    events_poll_interval: float = Field(default=0.05, gt=0)
 
     @field_validator("log_level")
     @classmethod

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 
 from mcard_tasks.database import engine_for
 from mcard_tasks.errors import ConflictError, LedgerUnavailableError
-from mcard_tasks.models import Card, Operation, TaskState
+from mcard_tasks.issuers import Issuer, LedgerIssuer
+from mcard_tasks.models import Card, Operation, OutboxEvent, TaskState
 from mcard_tasks.payloads import (
     MintRequest,
     Payload,
@@ -31,6 +32,8 @@ from mcard_tasks.payloads import (
 )
 
 __all__ = ["Ledger", "Verdict", "get_ledger"]
+
+T = TypeVar("T")
 
 SUCCEEDED, REJECTED = "succeeded", "rejected"
 # A concurrent claim of the same request ID or card makes the loser's transaction fail on a
@@ -54,24 +57,10 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _single_mint(session: Session, request_id: str, payload: Payload) -> Verdict:
-    assert isinstance(payload, SingleMintRequest)
-    return _mint_cards(session, request_id, payload.owner, [payload.card_id], payload.metadata)
-
-
-def _mint(session: Session, request_id: str, payload: Payload) -> Verdict:
-    assert isinstance(payload, MintRequest)
-    return _mint_cards(session, request_id, payload.owner, payload.card_ids, payload.metadata)
-
-
-def _mint_cards(
-    session: Session,
-    request_id: str,
-    owner: str,
-    card_ids: list[str],
-    metadata: dict[str, Any] | None,
-) -> Verdict:
-    """All or nothing: if any card exists, none is minted."""
+def _mint_cards(session: Session, request_id: str, payload: Payload, status: str) -> Verdict:
+    """All or nothing: if any card exists (or is being minted), none is minted."""
+    assert isinstance(payload, MintRequest | SingleMintRequest)
+    card_ids = _card_ids(payload)
     taken = session.scalars(select(Card.card_id).where(Card.card_id.in_(card_ids))).all()
     if taken:
         return Verdict("already_minted", "already minted: " + ", ".join(sorted(taken)[:20]))
@@ -79,9 +68,9 @@ def _mint_cards(
     session.add_all(
         Card(
             card_id=card_id,
-            owner=owner,
-            card_metadata=metadata,
-            status="active",
+            owner=payload.owner,
+            card_metadata=payload.metadata,
+            status=status,
             minted_by=request_id,
             minted_at=now,
         )
@@ -90,30 +79,37 @@ def _mint_cards(
     return Verdict()
 
 
-def _single_burn(session: Session, request_id: str, payload: Payload) -> Verdict:
+def _burn_card(session: Session, request_id: str, payload: Payload, status: str) -> Verdict:
     assert isinstance(payload, SingleBurnRequest)
     card = session.get(Card, payload.card_id, with_for_update=True)
-    if card is None:
-        return Verdict("unknown_card", f"no card {payload.card_id!r} was ever minted")
-    if card.status == "burned":
+    if card is None or card.status == "minting":
+        return Verdict("unknown_card", f"no card {payload.card_id!r} was minted")
+    if card.status in ("burned", "burning"):
         return Verdict("already_burned", f"card {payload.card_id!r} is already burned")
     if card.owner != payload.owner:
         return Verdict("not_holder", f"card {payload.card_id!r} is not held by that owner")
-    card.status, card.burned_by, card.burned_at = "burned", request_id, _now()
+    card.status, card.burned_by, card.burned_at = status, request_id, _now()
     return Verdict()
 
 
-Rule = Callable[[Session, str, Payload], Verdict]
-RULES: dict[str, Rule] = {
-    "mcard.mint": _mint,
-    "mcard.single_mint": _single_mint,
-    "mcard.single_burn": _single_burn,
+def _card_ids(payload: Payload) -> list[str]:
+    if isinstance(payload, MintRequest):
+        return payload.card_ids
+    assert isinstance(payload, SingleMintRequest | SingleBurnRequest)
+    return [payload.card_id]
+
+
+Rule = Callable[[Session, str, Payload, str], Verdict]
+#: Each rule decides and applies (or reserves, with a pending status) the effect.
+RULES: dict[str, tuple[Rule, str, str]] = {
+    # task: (rule, status while an external issuer works, final status)
+    "mcard.mint": (_mint_cards, "minting", "active"),
+    "mcard.single_mint": (_mint_cards, "minting", "active"),
+    "mcard.single_burn": (_burn_card, "burning", "burned"),
 }
 
 
 def _outcome_object(task: str, request_id: str, payload: Payload, verdict: Verdict) -> str:
-    fields = payload.model_dump()
-    card_ids = fields.get("card_ids") or [fields["card_id"]]
     return canonical_json(
         {
             "request_id": request_id,
@@ -121,11 +117,28 @@ def _outcome_object(task: str, request_id: str, payload: Payload, verdict: Verdi
             "outcome": verdict.outcome,
             "reason": verdict.reason,
             "detail": verdict.detail,
-            "owner": fields["owner"],
-            "card_ids": card_ids,
+            "owner": payload.owner,
+            "card_ids": _card_ids(payload),
             "recorded_at": _now().isoformat(),
         }
     )
+
+
+def _record(session: Session, operation: Operation, payload: Payload, verdict: Verdict) -> str:
+    """Record the final outcome and its pending event, in the caller's transaction."""
+    operation.outcome = _outcome_object(operation.task, operation.request_id, payload, verdict)
+    operation.status = verdict.outcome
+    operation.recorded_at = _now()
+    session.add(
+        OutboxEvent(
+            request_id=operation.request_id,
+            routing_key=f"{operation.task}.{verdict.outcome}",
+            body=operation.outcome,
+            created_at=operation.recorded_at,
+        )
+    )
+    session.flush()
+    return operation.outcome
 
 
 class Ledger:
@@ -133,6 +146,12 @@ class Ledger:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    @contextmanager
+    def session(self, readonly: bool = False) -> Iterator[Session]:
+        """A transaction on the ledger (readonly: no write lock on SQLite)."""
+        with self._session(readonly) as session:
+            yield session
 
     @contextmanager
     def _session(self, readonly: bool = False) -> Iterator[Session]:
@@ -143,39 +162,74 @@ class Ledger:
         except OperationalError as exc:
             raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
 
-    def apply(self, task: str, request_id: str, payload: Payload) -> str:
+    def apply(
+        self, task: str, request_id: str, payload: Payload, issuer: Issuer | None = None
+    ) -> str:
         """Apply a request once; return its outcome object as the JSON first recorded.
 
-        Raises ConflictError when the request ID is recorded with a different payload.
+        With an external issuer the operation is recorded as pending (its cards reserved)
+        before the call and completed after it, so a crash in between is resolved by asking
+        the issuer again with the same request ID. Raises ConflictError when the request ID
+        is recorded with a different payload, and the issuer's TransientError as is.
         """
+        issuer = issuer or LedgerIssuer()
         digest = fingerprint(task, payload)
+        outcome = self._retry_claims(
+            lambda: self._claim(task, request_id, payload, digest, issuer.external)
+        )
+        if outcome is not None:
+            return outcome
+        _call_issuer(issuer, task, request_id, payload)
+        return self._retry_claims(lambda: self._complete(request_id, payload))
+
+    @staticmethod
+    def _retry_claims(step: Callable[[], T]) -> T:
         for _ in range(_CLAIM_ATTEMPTS):
             try:
-                return self._apply_once(task, request_id, payload, digest)
+                return step()
             except IntegrityError:
                 continue  # lost a race on a unique key: the winner's row is visible now
-        raise LedgerUnavailableError(f"could not claim request {request_id!r}; try again")
+        raise LedgerUnavailableError("could not claim the request; try again")
 
-    def _apply_once(self, task: str, request_id: str, payload: Payload, digest: str) -> str:
+    def _claim(
+        self, task: str, request_id: str, payload: Payload, digest: str, external: bool
+    ) -> str | None:
+        """Claim the request ID and decide; the final outcome, or None while it is pending."""
         with self._session() as session:
             known = session.get(Operation, request_id)
             if known is not None:
-                return self._replay(known, digest)
+                return None if known.status == "pending" else self._replay(known, digest)
             operation = Operation(
                 request_id=request_id,
                 task=task,
                 fingerprint=digest,
-                status="claimed",
+                status="pending",
                 outcome="",
                 recorded_at=_now(),
             )
             session.add(operation)
             session.flush()  # claim the request ID before touching any card
-            verdict = RULES[task](session, request_id, payload)
-            operation.outcome = _outcome_object(task, request_id, payload, verdict)
-            operation.status = verdict.outcome
-            session.flush()
-            return operation.outcome
+            rule, pending_status, final_status = RULES[task]
+            verdict = rule(
+                session, request_id, payload, pending_status if external else final_status
+            )
+            if external and verdict.reason is None:
+                return None  # effect reserved; the issuer is called outside the transaction
+            return _record(session, operation, payload, verdict)
+
+    def _complete(self, request_id: str, payload: Payload) -> str:
+        """After the issuer succeeded: make the reserved effect final and record the outcome."""
+        with self._session() as session:
+            operation = session.get(Operation, request_id, with_for_update=True)
+            assert operation is not None, f"pending operation {request_id} vanished"
+            if operation.status != "pending":
+                return operation.outcome  # another delivery completed it meanwhile
+            _, _, final_status = RULES[operation.task]
+            for card in session.scalars(
+                select(Card).where(Card.card_id.in_(_card_ids(payload))).with_for_update()
+            ):
+                card.status = final_status
+            return _record(session, operation, payload, Verdict())
 
     @staticmethod
     def _replay(operation: Operation, digest: str) -> str:
@@ -192,13 +246,16 @@ class Ledger:
             known = session.get(Operation, request_id)
             if known is None:
                 return None
-            return self._replay(known, fingerprint(task, payload))
+            outcome = self._replay(known, fingerprint(task, payload))
+            return outcome or None  # pending: no outcome yet
 
     def outcome(self, request_id: str) -> dict[str, Any] | None:
         """The recorded outcome object of a request ID, or None."""
         with self._session(readonly=True) as session:
             known = session.get(Operation, request_id)
-            return None if known is None else dict(json.loads(known.outcome))
+            if known is None or not known.outcome:
+                return None
+            return dict(json.loads(known.outcome))
 
     def card(self, card_id: str) -> Card | None:
         with self._session(readonly=True) as session:
@@ -226,3 +283,11 @@ def get_ledger(url: str | None = None) -> Ledger:
 
         url = get_settings().database_url
     return Ledger(engine_for(url))
+
+
+def _call_issuer(issuer: Issuer, task: str, request_id: str, payload: Payload) -> None:
+    if isinstance(payload, SingleBurnRequest):
+        issuer.destroy(request_id, payload.owner, payload.card_id)
+    else:
+        assert isinstance(payload, MintRequest | SingleMintRequest)
+        issuer.issue(request_id, payload.owner, _card_ids(payload), payload.metadata)

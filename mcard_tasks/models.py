@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Index, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Card", "Operation", "TaskState"]
+__all__ = ["Base", "Card", "Operation", "OutboxEvent", "TaskState"]
 
 
 class Base(DeclarativeBase):
@@ -23,7 +23,7 @@ class Card(Base):
     card_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128), index=True)
     card_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
-    status: Mapped[str] = mapped_column(String(16))  # active | burned
+    status: Mapped[str] = mapped_column(String(16))  # minting | active | burning | burned
     minted_by: Mapped[str] = mapped_column(String(128))
     minted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     burned_by: Mapped[str | None] = mapped_column(String(128))
@@ -38,7 +38,7 @@ class Operation(Base):
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     task: Mapped[str] = mapped_column(String(64))
     fingerprint: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))  # succeeded | rejected
+    status: Mapped[str] = mapped_column(String(16))  # pending | succeeded | rejected
     # The outcome object exactly as first recorded: a replay returns these very bytes.
     outcome: Mapped[str] = mapped_column(Text)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -56,3 +56,15 @@ class TaskState(Base):
     result: Mapped[str | None] = mapped_column(Text)
     traceback: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class OutboxEvent(Base):
+    """An outcome event, written with its outcome and published after the commit (an outbox)."""
+
+    __tablename__ = "outbox"
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    routing_key: Mapped[str] = mapped_column(String(128))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)

@@ -81,15 +81,15 @@ class Payload(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
+    owner: Ident
+
 
 class SingleMintRequest(Payload):
     card_id: Ident
-    owner: Ident
     metadata: Metadata = None
 
 
 class MintRequest(Payload):
-    owner: Ident
     card_ids: Annotated[
         list[Ident], Field(min_length=1, max_length=BATCH_MAX), AfterValidator(_check_distinct)
     ]
@@ -98,7 +98,6 @@ class MintRequest(Payload):
 
 class SingleBurnRequest(Payload):
     card_id: Ident
-    owner: Ident
 
 
 PAYLOADS: dict[str, type[Payload]] = {

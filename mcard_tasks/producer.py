@@ -23,6 +23,7 @@ from mcard_tasks.errors import (
     LedgerUnavailableError,
     TransientError,
 )
+from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.payloads import Payload, check_request_id, validate_payload
 
@@ -101,7 +102,7 @@ class RequestTask(Task):  # type: ignore[misc]
         """Apply the request to the ledger; return its outcome object (the first recorded)."""
         ledger = get_ledger(self.app.conf.mcard_database_url)
         try:
-            outcome = ledger.apply(self.name, self.request.id, payload)
+            outcome = ledger.apply(self.name, self.request.id, payload, configured_issuer())
         except ConflictError as exc:
             logger.error("dead-lettering request %s: %s", self.request.id, exc)
             raise Reject(str(exc), requeue=False) from exc

@@ -1,0 +1,175 @@
+"""Outcome events: the outbox relay that publishes them, and a subscriber helper.
+
+Each recorded outcome is written to the ``outbox`` table in the same transaction as the
+outcome itself; the relay (a thread in every worker's main process) publishes pending rows to
+the topic exchange ``mcard.events`` with routing key ``<task>.<outcome>``, persistent and
+confirmed, and only then marks them published. A crash between the confirm and the mark
+publishes the row again: an identical copy whose message id is the request ID, which
+subscribers drop. A replay records nothing new, so it publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Queue
+from kombu.messaging import Consumer
+from sqlalchemy import select, update
+
+from mcard_tasks.ledger import Ledger, get_ledger
+from mcard_tasks.models import OutboxEvent
+from mcard_tasks.topology import EVENTS_EXCHANGE
+
+__all__ = ["Event", "OutboxRelay", "subscribe"]
+
+logger = logging.getLogger(__name__)
+BATCH = 500
+
+
+class OutboxRelay:
+    """Publishes the ledger's pending outcome events, oldest first."""
+
+    def __init__(self, app: Celery, ledger: Ledger, interval: float = 0.05) -> None:
+        self.app, self.ledger, self.interval = app, ledger, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def publish_pending(self) -> int:
+        """Publish one batch of pending events; return how many."""
+        sqlite = self.ledger.engine.dialect.name == "sqlite"
+        # On PostgreSQL the rows stay locked (SKIP LOCKED: relays of other workers take other
+        # rows) until they are marked; SQLite has one writer, so it reads, then marks.
+        with self.ledger.session(readonly=sqlite) as session:
+            rows = session.execute(
+                select(OutboxEvent.request_id, OutboxEvent.routing_key, OutboxEvent.body)
+                .where(OutboxEvent.published_at.is_(None))
+                .order_by(OutboxEvent.created_at)
+                .limit(BATCH)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return 0
+            self._publish([tuple(row) for row in rows])
+            if not sqlite:
+                self._mark(session, [row[0] for row in rows])
+        if sqlite:
+            with self.ledger.session() as session:
+                self._mark(session, [row[0] for row in rows])
+        return len(rows)
+
+    def _publish(self, rows: list[tuple[Any, ...]]) -> None:
+        with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
+            for request_id, routing_key, body in rows:
+                producer.publish(
+                    body,
+                    exchange=EVENTS_EXCHANGE.name,
+                    routing_key=routing_key,
+                    message_id=request_id,
+                    delivery_mode=2,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    serializer=None,
+                    retry=True,
+                    declare=[EVENTS_EXCHANGE],
+                )
+
+    @staticmethod
+    def _mark(session: Any, request_ids: list[str]) -> None:
+        session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.request_id.in_(request_ids))
+            .values(published_at=datetime.now(UTC))
+        )
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.publish_pending() == BATCH:
+                    continue
+            except Exception:  # keep relaying: the rows wait in the outbox, nothing is lost
+                logger.exception("outbox relay: publishing failed; retrying")
+                self._stop.wait(1.0)
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="mcard-outbox-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def relay_for(app: Celery) -> OutboxRelay:
+    return OutboxRelay(
+        app,
+        get_ledger(app.conf.mcard_database_url),
+        app.conf.get("mcard_events_poll_interval", 0.05),
+    )
+
+
+@dataclass(frozen=True)
+class Event:
+    routing_key: str
+    request_id: str
+    outcome: dict[str, Any]
+
+
+def subscribe(
+    app: Celery,
+    pattern: str = "mcard.#",
+    queue: str | None = None,
+    timeout: float = 1.0,
+    seen: int = 100_000,
+) -> Iterator[Event | None]:
+    """Yield outcome events matching pattern (None after each quiet timeout), dropping copies.
+
+    Without a queue name, an exclusive queue lives as long as the subscription; with one, a
+    durable queue keeps events while nobody listens.
+    """
+    if queue:
+        bound = Queue(queue, EVENTS_EXCHANGE, routing_key=pattern, durable=True, auto_delete=False)
+    else:
+        bound = Queue(
+            f"mcard.events.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
+            EVENTS_EXCHANGE,
+            routing_key=pattern,
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+        )
+    received: list[Event] = []
+    recent: OrderedDict[str, None] = OrderedDict()
+
+    def on_message(body: Any, message: Any) -> None:
+        request_id = message.properties.get("message_id") or ""
+        if request_id not in recent:
+            recent[request_id] = None
+            if len(recent) > seen:
+                recent.popitem(last=False)
+            outcome = body if isinstance(body, dict) else json.loads(body)
+            received.append(Event(message.delivery_info["routing_key"], request_id, outcome))
+        message.ack()
+
+    with (
+        app.connection_for_read() as connection,
+        Consumer(connection, queues=[bound], callbacks=[on_message], accept=["json"]),
+    ):
+        while True:
+            try:
+                connection.drain_events(timeout=timeout)
+            except TimeoutError:
+                yield None
+            while received:
+                yield received.pop(0)

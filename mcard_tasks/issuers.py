@@ -1,0 +1,108 @@
+"""Issuers: the external system that really issues or destroys a card (a card platform, a
+chain). Each call carries the request ID as its idempotency key, so asking again after a
+crash is safe.
+
+The default issuer is the ledger itself (the effect is the ledger row). The simulated issuer
+stands in for a remote one in the demo, tests and benchmarks: it waits, and fails a share of
+its calls with a transient error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import time
+from functools import lru_cache
+from typing import Any, Protocol
+
+from mcard_tasks.config import Settings
+from mcard_tasks.errors import ConfigurationError, TransientError
+
+__all__ = [
+    "Issuer",
+    "IssuerUnavailableError",
+    "LedgerIssuer",
+    "SimulatedIssuer",
+    "build_issuer",
+    "configured_issuer",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class IssuerUnavailableError(TransientError):
+    """Raised when the issuer failed or timed out; the call is retried with the same key."""
+
+
+class Issuer(Protocol):
+    """What mcard-tasks needs of an issuer. ``external`` False means the ledger is the effect."""
+
+    external: bool
+
+    def issue(
+        self, request_id: str, owner: str, card_ids: list[str], metadata: dict[str, Any] | None
+    ) -> None: ...
+
+    def destroy(self, request_id: str, owner: str, card_id: str) -> None: ...
+
+
+class LedgerIssuer:
+    """The default: the card exists because the ledger says so; nothing to call."""
+
+    external = False
+
+    def issue(
+        self, request_id: str, owner: str, card_ids: list[str], metadata: dict[str, Any] | None
+    ) -> None:
+        return None
+
+    def destroy(self, request_id: str, owner: str, card_id: str) -> None:
+        return None
+
+
+class SimulatedIssuer:
+    """A remote issuer with latency and a failure rate (MCARD_ISSUER_LATENCY_MS / _FAILURE_RATE)."""
+
+    external = True
+
+    def __init__(self, latency_ms: float = 50.0, failure_rate: float = 0.0) -> None:
+        self.latency = latency_ms / 1000
+        self.failure_rate = failure_rate
+
+    def _call(self, action: str, request_id: str) -> None:
+        time.sleep(self.latency)
+        if random.random() < self.failure_rate:
+            raise IssuerUnavailableError(f"simulated issuer failed to {action} ({request_id})")
+
+    def issue(
+        self, request_id: str, owner: str, card_ids: list[str], metadata: dict[str, Any] | None
+    ) -> None:
+        self._call("issue", request_id)
+
+    def destroy(self, request_id: str, owner: str, card_id: str) -> None:
+        self._call("destroy", request_id)
+
+
+@lru_cache(maxsize=1)
+def configured_issuer() -> Issuer:
+    """The issuer of this process, from the MCARD_* settings."""
+    from mcard_tasks.config import get_settings
+
+    return build_issuer(get_settings())
+
+
+def build_issuer(settings: Settings) -> Issuer:
+    """The issuer named by MCARD_ISSUER: ``ledger``, ``simulated`` or ``module:Class``."""
+    if settings.issuer == "ledger":
+        return LedgerIssuer()
+    if settings.issuer == "simulated":
+        return SimulatedIssuer(settings.issuer_latency_ms, settings.issuer_failure_rate)
+    module, _, name = settings.issuer.partition(":")
+    try:
+        issuer: Issuer = getattr(importlib.import_module(module), name)()
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"MCARD_ISSUER={settings.issuer!r}: expected ledger, simulated or module:Class ({exc})"
+        ) from exc
+    return issuer

@@ -1,0 +1,128 @@
+"""Outcome events on mcard.events: once per outcome, none on replay, none lost to a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kombu.entity import Queue
+
+from mcard_tasks import app
+from mcard_tasks.ledger import get_ledger
+from mcard_tasks.tasks import single_burn, single_mint
+from mcard_tasks.topology import EVENTS_EXCHANGE
+from tests.fixtures import Worker, use_ledger, wait_for
+from tests.integration.test_faults import assert_each_minted_exactly_once, recorded, send_mints
+
+pytestmark = pytest.mark.integration
+
+
+class Subscriber:
+    """A durable queue bound to mcard.events with a pattern; messages collected as they come."""
+
+    def __init__(self, pattern: str) -> None:
+        self.queue = Queue(
+            f"test-events-{uuid.uuid4().hex[:8]}",
+            EVENTS_EXCHANGE,
+            routing_key=pattern,
+            durable=True,
+            auto_delete=False,
+        )
+        with app.connection_for_write() as connection:
+            EVENTS_EXCHANGE(connection.default_channel).declare()
+            self.queue(connection.default_channel).declare()
+        self.messages: list[Any] = []
+
+    def collect(self) -> list[Any]:
+        with app.connection_for_read() as connection:
+            bound = self.queue(connection.default_channel)
+            while (message := bound.get(no_ack=True)) is not None:
+                self.messages.append(message)
+        return self.messages
+
+    def by_request(self) -> dict[str, list[Any]]:
+        grouped: dict[str, list[Any]] = {}
+        for message in self.messages:
+            grouped.setdefault(message.properties["message_id"], []).append(message)
+        return grouped
+
+    def delete(self) -> None:
+        with app.connection_for_write() as connection:
+            self.queue(connection.default_channel).delete()
+
+
+@pytest.fixture
+def subscriber() -> Iterator[Callable[[str], Subscriber]]:
+    made: list[Subscriber] = []
+
+    def make(pattern: str) -> Subscriber:
+        made.append(Subscriber(pattern))
+        return made[-1]
+
+    yield make
+    for sub in made:
+        sub.delete()
+
+
+def test_each_outcome_is_published_once_and_a_replay_publishes_nothing(
+    stack: Worker, subscriber: Callable[[str], Subscriber]
+) -> None:
+    everything, rejections = subscriber("mcard.#"), subscriber("mcard.*.rejected")
+    card = f"card-{uuid.uuid4().hex}"
+    minted = single_mint.delay(card_id=card, owner="alice", request_id=f"ev-{uuid.uuid4().hex}")
+    first = minted.get(timeout=20, interval=0.05)
+    refused = single_burn.delay(card_id=card, owner="mallory").get(timeout=20, interval=0.05)
+    replay = single_mint.delay(card_id=card, owner="alice", request_id=minted.id)
+    assert replay.get(timeout=20, interval=0.05) == first
+    marker = single_burn.delay(card_id=card, owner="alice")  # its event comes after any replay's
+    marker.get(timeout=20, interval=0.05)
+    wait_for(
+        lambda: everything.collect() and marker.id in everything.by_request(),
+        20,
+        "the marker's event",
+    )
+
+    events = everything.by_request()
+    assert sorted(events) == sorted([minted.id, refused["request_id"], marker.id])
+    assert all(len(copies) == 1 for copies in events.values()), "one event per outcome"
+    (mint_event,) = events[minted.id]
+    assert mint_event.delivery_info["routing_key"] == "mcard.single_mint.succeeded"
+    assert json.loads(mint_event.body) == first
+    assert mint_event.delivery_info["exchange"] == "mcard.events"
+    assert mint_event.properties["delivery_mode"] == 2
+    wait_for(lambda: rejections.collect(), 20, "the rejection event")
+    assert [m.delivery_info["routing_key"] for m in rejections.messages] == [
+        "mcard.single_burn.rejected"
+    ]
+
+
+def test_no_outcome_misses_its_event_when_the_worker_is_killed_mid_stream(
+    postgresql_url: str,
+    make_worker: Callable[..., Worker],
+    subscriber: Callable[[str], Subscriber],
+) -> None:
+    use_ledger(postgresql_url)
+    ledger = get_ledger(postgresql_url)
+    events = subscriber("mcard.single_mint.*")
+    first = make_worker(postgresql_url, "events-kill", pool="prefork", concurrency="2").start()
+    sent = send_mints(600)
+    wait_for(lambda: recorded(ledger, list(sent)) >= 50, 60, "the stream to start")
+    first.kill()
+    make_worker(postgresql_url, "events-restarted").start()
+    wait_for(lambda: recorded(ledger, list(sent)) == len(sent), 120, "every outcome", every=0.5)
+    assert_each_minted_exactly_once(ledger, sent)
+    wait_for(
+        lambda: events.collect() and set(sent) <= set(events.by_request()),
+        60,
+        "every outcome's event",
+        every=0.5,
+    )
+    for request_id, copies in events.by_request().items():
+        if request_id not in sent:
+            continue
+        bodies = {bytes(m.body) if not isinstance(m.body, str) else m.body.encode() for m in copies}
+        assert len(bodies) == 1, f"copies of {request_id}'s event differ"
+        assert json.loads(bodies.pop()) == ledger.outcome(request_id)

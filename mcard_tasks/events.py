@@ -39,10 +39,14 @@ BATCH = 500
 class OutboxRelay:
     """Publishes the ledger's pending outcome events, oldest first."""
 
-    def __init__(self, app: Celery, ledger: Ledger, interval: float = 0.05) -> None:
-        self.app, self.ledger, self.interval = app, ledger, interval
+    def __init__(self, app: Celery, ledger_url: str, interval: float = 0.05) -> None:
+        self.app, self.ledger_url, self.interval = app, ledger_url, interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        return get_ledger(self.ledger_url)  # opened on use: the ledger may be down at start
 
     def publish_pending(self) -> int:
         """Publish one batch of pending events; return how many."""
@@ -96,8 +100,8 @@ class OutboxRelay:
             try:
                 if self.publish_pending() == BATCH:
                     continue
-            except Exception:  # keep relaying: the rows wait in the outbox, nothing is lost
-                logger.exception("outbox relay: publishing failed; retrying")
+            except Exception as exc:  # keep relaying: the rows wait in the outbox
+                logger.warning("outbox relay: %s; retrying in 1 s", exc)
                 self._stop.wait(1.0)
             self._stop.wait(self.interval)
 
@@ -114,7 +118,7 @@ class OutboxRelay:
 def relay_for(app: Celery) -> OutboxRelay:
     return OutboxRelay(
         app,
-        get_ledger(app.conf.mcard_database_url),
+        app.conf.mcard_database_url,
         app.conf.get("mcard_events_poll_interval", 0.05),
     )
 

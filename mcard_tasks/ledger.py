@@ -282,7 +282,10 @@ def get_ledger(url: str | None = None) -> Ledger:
         from mcard_tasks.config import get_settings
 
         url = get_settings().database_url
-    return Ledger(engine_for(url))
+    try:
+        return Ledger(engine_for(url))
+    except OperationalError as exc:
+        raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
 
 
 def _call_issuer(issuer: Issuer, task: str, request_id: str, payload: Payload) -> None:

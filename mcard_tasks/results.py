@@ -10,14 +10,18 @@ and never shadow a recorded outcome.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from celery import states
 from celery.backends.base import BaseBackend
 
+from mcard_tasks.errors import LedgerUnavailableError
 from mcard_tasks.ledger import get_ledger
 
 __all__ = ["LedgerBackend"]
+
+logger = logging.getLogger(__name__)
 
 
 class LedgerBackend(BaseBackend):  # type: ignore[misc]
@@ -38,9 +42,13 @@ class LedgerBackend(BaseBackend):  # type: ignore[misc]
     ) -> Any:
         if state == states.SUCCESS:
             return result  # the ledger recorded it with the effect, in one transaction
-        ledger = get_ledger(self._database_url)
-        if ledger.outcome(task_id) is None:
-            ledger.save_task_state(task_id, state, json.dumps(result, default=str), traceback)
+        try:
+            ledger = get_ledger(self._database_url)
+            if ledger.outcome(task_id) is None:
+                ledger.save_task_state(task_id, state, json.dumps(result, default=str), traceback)
+        except LedgerUnavailableError as exc:
+            # Best effort: the message itself carries the request on (retry or dead letter).
+            logger.warning("could not keep state %s of %s: %s", state, task_id, exc)
         return result
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:

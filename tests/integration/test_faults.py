@@ -76,7 +76,9 @@ def send_mints(count: int) -> dict[str, str]:
 def recorded(ledger: Ledger, request_ids: list[str]) -> int:
     """How many of request_ids have an outcome in the ledger (one query)."""
     with ledger.engine.connect() as connection:
-        query = select(func.count()).where(Operation.request_id.in_(request_ids))
+        query = select(func.count()).where(
+            Operation.request_id.in_(request_ids), Operation.status != "pending"
+        )
         return int(connection.execute(query).scalar_one())
 
 
@@ -267,3 +269,62 @@ def test_a_broker_restart_during_a_stream_of_burns_loses_and_doubles_nothing(
         stored = ledger.card(card)
         assert stored is not None and stored.burned_by == request_id
     assert worker.stop() == 0
+
+
+def test_an_issuer_failing_a_third_of_its_calls_still_ends_each_request_exactly_once(
+    postgresql_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    worker = make_worker(
+        postgresql_url,
+        "flaky",
+        issuer="simulated",
+        issuer_latency_ms="5",
+        issuer_failure_rate="0.33",
+        max_retries="12",
+    )
+    worker.start()
+    use_ledger(postgresql_url)
+    ledger = get_ledger(postgresql_url)
+    drain_dlq("mcard.single_mint")
+    sent = send_mints(60)
+    wait_for(lambda: recorded(ledger, list(sent)) == len(sent), 150, "every outcome", every=0.5)
+    assert_each_minted_exactly_once(ledger, sent)
+    assert drain_dlq("mcard.single_mint") == [], "transient failures are retried, not dropped"
+    retried = worker.log.read_text().count("Retry in")
+    assert retried > 0, "the issuer did fail some calls"
+    assert worker.stop() == 0
+
+
+def test_what_still_fails_after_its_retries_is_dead_lettered_with_the_reason(
+    postgresql_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    make_worker(
+        postgresql_url,
+        "down",
+        issuer="simulated",
+        issuer_latency_ms="0",
+        issuer_failure_rate="1.0",
+        max_retries="1",
+    ).start()
+    use_ledger(postgresql_url)
+    drain_dlq("mcard.single_mint")
+    request_id = f"down-{uuid.uuid4().hex}"
+    single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice", request_id=request_id)
+    dead = wait_for(lambda: drain_dlq("mcard.single_mint"), 60, "the dead letter", every=0.5)
+    assert [m.headers["id"] for m in dead] == [request_id]
+    assert "simulated issuer failed" in dead[0].headers[REASON_HEADER]
+    assert get_ledger(postgresql_url).outcome(request_id) is None, "pending, never applied"
+
+
+def test_an_unreachable_ledger_is_retried_then_dead_lettered_never_acked_away(
+    make_worker: Callable[..., Worker],
+) -> None:
+    nowhere = "postgresql://postgres@127.0.0.1:1/nowhere"
+    make_worker(nowhere, "noledger", max_retries="2").start()
+    use_ledger(nowhere)  # the producer publishes unchecked when it cannot reach the ledger
+    drain_dlq("mcard.single_burn")
+    request_id = f"noledger-{uuid.uuid4().hex}"
+    single_burn.delay(card_id="card-x", owner="alice", request_id=request_id)
+    dead = wait_for(lambda: drain_dlq("mcard.single_burn"), 90, "the dead letter", every=0.5)
+    assert [m.headers["id"] for m in dead] == [request_id]
+    assert "LedgerUnavailableError" in dead[0].headers[REASON_HEADER]

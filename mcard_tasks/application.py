@@ -13,6 +13,7 @@ from celery import Celery
 
 from mcard_tasks.bootsteps import DeclareTopology, RelayOutbox
 from mcard_tasks.config import Settings, get_settings
+from mcard_tasks.flower import configure_flower_if_running
 from mcard_tasks.topology import EXCHANGE, build_topology
 
 __all__ = ["app", "celery_config", "create_app"]
@@ -104,3 +105,4 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 #: The app of this process, configured from the MCARD_* environment.
 app = create_app()
+configure_flower_if_running(get_settings())

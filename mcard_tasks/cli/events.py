@@ -10,8 +10,12 @@ __all__ = ["COMMANDS"]
 
 
 @click.command("events")
-@click.option("--pattern", default="mcard.#", show_default=True,
-              help="Topic pattern, e.g. 'mcard.*.rejected' or 'mcard.single_burn.#'.")
+@click.option(
+    "--pattern",
+    default="mcard.#",
+    show_default=True,
+    help="Topic pattern, e.g. 'mcard.*.rejected' or 'mcard.single_burn.#'.",
+)
 @click.option("--queue", default=None, help="A durable queue to (re)use; default a private one.")
 @click.option("--count", type=int, default=None, help="Stop after this many events.")
 @click.option("--timeout", type=float, default=None, help="Stop after this many quiet seconds.")

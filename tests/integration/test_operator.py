@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 
@@ -13,7 +16,7 @@ from mcard_tasks import app
 from mcard_tasks.cli import main
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.operations import queue_depths
-from mcard_tasks.tasks import single_mint
+from mcard_tasks.tasks import mint, single_mint
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
 from tests.fixtures import Worker, drain_dlq, use_ledger, wait_for
 
@@ -101,3 +104,41 @@ def test_dlq_show_replay_and_purge(sqlite_url: str, make_worker: Callable[..., W
     dead_letter_a_valid_request(f"dl-{uuid.uuid4().hex}", card)
     assert run("dlq", "purge", "mcard.single_mint", "--yes")[0] == 0
     assert drain_dlq("mcard.single_mint") == []
+
+
+def test_queues_and_health_report_real_numbers(
+    sqlite_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    use_ledger(sqlite_url)
+    assert run("topology", "declare")[0] == 0
+    code, output = run("health", "--timeout", "1")
+    assert code == 1 and "workers  FAIL" in output and "broker   ok" in output
+    waiting = [mint.delay(owner="alice", card_ids=[f"card-{uuid.uuid4().hex}"]) for _ in range(3)]
+    wait_for(lambda: depth("mcard.mint") == 3, 20, "three ready messages")
+    code, output = run("queues")
+    row = next(line.split() for line in output.splitlines() if line.startswith("mcard.mint "))
+    assert code == 0 and row[1:] == ["3", "0", "0"], output
+
+    worker = make_worker(sqlite_url, "health").start()
+    for result in waiting:
+        assert result.get(timeout=30, interval=0.05)["outcome"] == "succeeded"
+    code, output = run("health")
+    assert code == 0 and worker.node in output, output
+    row = next(
+        line.split() for line in run("queues")[1].splitlines() if line.startswith("mcard.mint ")
+    )
+    assert row[1:] == ["0", "0", "1"]
+
+
+@pytest.mark.parametrize("command", ["health", "queues"])
+def test_health_and_queues_fail_when_the_broker_is_down(command: str) -> None:
+    env = dict(os.environ, MCARD_BROKER_URL="amqp://guest:guest@127.0.0.1:5999//")
+    done = subprocess.run(
+        [sys.executable, "-m", "mcard_tasks.cli", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "Connection refused" in done.stdout + done.stderr

@@ -1,0 +1,84 @@
+"""``queues`` and ``health``: what an operator or a probe asks first."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from typing import Any
+
+import click
+
+__all__ = ["COMMANDS"]
+
+
+def _unacked(app: Any, timeout: float) -> Counter[str]:
+    """Messages the workers hold (running or prefetched), by queue, as the workers report."""
+    held: Counter[str] = Counter()
+    inspect = app.control.inspect(timeout=timeout)
+    for report in (inspect.active() or {}, inspect.reserved() or {}):
+        for tasks in report.values():
+            for task in tasks:
+                held[str((task.get("delivery_info") or {}).get("routing_key", "?"))] += 1
+    return held
+
+
+@click.command("queues")
+@click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for workers.")
+def queues(timeout: float) -> None:
+    """Ready and unacked messages of every task and dead-letter queue (no management plugin)."""
+    from mcard_tasks import app
+    from mcard_tasks.operations import queue_depths
+
+    depths = queue_depths(app)
+    held = _unacked(app, timeout)
+    click.echo(f"{'queue':<28} {'ready':>8} {'unacked':>8} {'consumers':>9}")
+    for depth in depths:
+        ready = "missing" if depth.ready < 0 else str(depth.ready)
+        unacked = "-" if depth.name.endswith(".dlq") else str(held.get(depth.name, 0))
+        click.echo(f"{depth.name:<28} {ready:>8} {unacked:>8} {depth.consumers:>9}")
+
+
+def _check(name: str, probe: Any) -> bool:
+    try:
+        detail = probe()
+    except Exception as exc:  # a probe reports every failure as a line, not a traceback
+        click.echo(f"{name:<8} FAIL  {exc}")
+        return False
+    click.echo(f"{name:<8} ok    {detail}")
+    return True
+
+
+@click.command("health")
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for a worker.")
+def health(timeout: float) -> None:
+    """Check broker, ledger and workers; exit 0 only when all three answer (for probes)."""
+    from sqlalchemy import text
+
+    from mcard_tasks import app
+    from mcard_tasks.ledger import get_ledger
+
+    def broker() -> str:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout)
+            return str(connection.as_uri())
+
+    def ledger() -> str:
+        engine = get_ledger(app.conf.mcard_database_url).engine
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return engine.url.render_as_string(hide_password=True)
+
+    def workers() -> str:
+        answers = app.control.ping(timeout=timeout)
+        if not answers:
+            raise RuntimeError(
+                f"no worker answered within {timeout:.0f} s; start `python -m worker`"
+            )
+        return ", ".join(sorted(name for answer in answers for name in answer))
+
+    results = [_check("broker", broker), _check("ledger", ledger)]
+    results.append(results[0] and _check("workers", workers))
+    sys.exit(0 if all(results) else 1)
+
+
+COMMANDS = [queues, health]

@@ -34,6 +34,9 @@ class DeclareTopology(bootsteps.StartStopStep):  # type: ignore[misc]
 class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
     """Run the outbox relay in the worker's main process (pool children never publish)."""
 
+    # After the pool: prefork children are forked before the relay thread exists.
+    requires = ("celery.worker.components:Pool",)
+
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.relay: Any = None

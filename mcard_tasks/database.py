@@ -16,6 +16,17 @@ __all__ = ["engine_for", "normalize_url", "upgrade_schema"]
 MIGRATIONS = Path(__file__).parent / "migrations"
 _ENGINES: dict[tuple[int, str], Engine] = {}
 _LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A pool child forked while another thread (the outbox relay) held the lock would wait on
+    # it forever. The parent's engines stay referenced (keyed by its pid) and unused: closing
+    # them here would close sockets the parent still uses.
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 # Any fixed number: PostgreSQL advisory lock that serializes concurrent schema upgrades.
 _SCHEMA_LOCK_KEY = 0x6D63617264
 

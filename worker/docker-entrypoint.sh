@@ -18,15 +18,8 @@ case "$role" in
         exec python -m worker "$@"
         ;;
     flower)
-        # Flower reads FLOWER_<OPTION> variables; this keeps the password off the command
-        # line (no `ps` leak). The value is user:password (a ',' would start a second pair).
-        if [ -n "${MCARD_FLOWER_USER:-}" ] && [ -n "${MCARD_FLOWER_PASSWORD:-}" ]; then
-            FLOWER_BASIC_AUTH="${MCARD_FLOWER_USER}:${MCARD_FLOWER_PASSWORD}"
-            export FLOWER_BASIC_AUTH
-        elif [ -z "${FLOWER_BASIC_AUTH:-}" ]; then
-            echo "docker-entrypoint: WARNING: MCARD_FLOWER_USER/MCARD_FLOWER_PASSWORD not set," \
-                 "Flower runs WITHOUT authentication" >&2
-        fi
+        # The app maps MCARD_FLOWER_USER/PASSWORD to Flower's basic auth (FLOWER_BASIC_AUTH,
+        # kept off the command line) and makes Flower read-only; see mcard_tasks/flower.py.
         exec celery -A mcard_tasks flower --address=0.0.0.0 --port=5555 "$@"
         ;;
     -*)

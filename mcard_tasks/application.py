@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 from celery import Celery
+from kombu import pools
 
 from mcard_tasks.bootsteps import DeclareTopology, RelayOutbox
 from mcard_tasks.config import Settings, get_settings
@@ -31,6 +32,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "mcard_queue_type": settings.queue_type,
         "mcard_delivery_limit": settings.delivery_limit,
         "mcard_events_poll_interval": settings.events_poll_interval,
+        "mcard_publish_timeout": settings.publish_timeout,
         # Topology: built once in topology.py, shared by producer and worker. Celery detects
         # quorum queues only from its own config, so both sides must use the same list.
         "task_queues": topology.task_queues,
@@ -63,9 +65,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Publisher confirms: a publish counts only once the broker has taken it.
         "broker_transport_options": {
             "confirm_publish": True,
-            "client_properties": {
-                "connection_name": f"mcard-tasks {socket.gethostname()}:{os.getpid()}"
-            },
+            "client_properties": {"connection_name": connection_name()},
         },
         "broker_pool_limit": settings.broker_pool_limit,
         # An exhausted connection pool raises instead of blocking the caller forever.
@@ -76,7 +76,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A failed publish is retried briefly, then the error reaches the caller.
         "task_publish_retry": True,
         "task_publish_retry_policy": {
-            "max_retries": 3,
+            "max_retries": 2,
             "interval_start": 0.2,
             "interval_step": 0.5,
             "interval_max": 1.0,
@@ -94,9 +94,29 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def connection_name() -> str:
+    """How this process's broker connections are named on the broker (host and pid)."""
+    return f"mcard-tasks {socket.gethostname()}:{os.getpid()}"
+
+
+def _forget_parent_connections(app: Celery) -> None:
+    """In a forked child: never use the parent's pooled broker connections.
+
+    Celery and kombu reset their pools only for multiprocessing children; gunicorn with
+    preload and other plain os.fork() users need the same (kombu connections are not
+    fork-safe). The parent's pools are forgotten, not closed: closing them would close
+    sockets the parent still uses.
+    """
+    pools.connections.clear()
+    pools.producers.clear()
+    app._after_fork()
+    app.conf.broker_transport_options["client_properties"]["connection_name"] = connection_name()
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured from settings (default: the MCARD_* environment)."""
     app = Celery("mcard_tasks", include=["mcard_tasks.tasks"])
+    os.register_at_fork(after_in_child=lambda: _forget_parent_connections(app))
     app.conf.update(celery_config(settings or get_settings()))
     app.steps["consumer"].add(DeclareTopology)
     app.steps["worker"].add(RelayOutbox)

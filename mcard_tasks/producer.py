@@ -9,15 +9,20 @@ a conflicting reuse of R is refused before anything is published.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
+from amqp.exceptions import AMQPError, MessageNacked
 from celery import Task
 from celery.exceptions import Reject
 from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
+from kombu.exceptions import LimitExceeded
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from mcard_tasks.errors import (
+    BrokerUnavailableError,
     ConflictError,
     InvalidRequestError,
     LedgerUnavailableError,
@@ -30,6 +35,8 @@ from mcard_tasks.payloads import Payload, check_request_id, validate_payload
 __all__ = ["RequestTask", "resolve_request_id"]
 
 logger = get_task_logger(__name__)
+#: What a publish raises when the broker is stopped, unreachable, blocked or says no.
+PUBLISH_ERRORS = (OSError, KombuOperationalError, AMQPError, MessageNacked, TimeoutError)
 
 
 def resolve_request_id(request_id: object, task_id: object) -> str:
@@ -72,9 +79,42 @@ class RequestTask(Task):  # type: ignore[misc]
         payload = validate_payload(self.name, fields)
         if self.app.conf.get("mcard_check_conflicts", True) and request_id != self.request.id:
             self._refuse_conflict(request_id, payload)
-        return super().apply_async(
-            args=(), kwargs=payload.model_dump(exclude_unset=True), task_id=request_id, **options
-        )
+        limit = float(self.app.conf.get("mcard_publish_timeout", 5.0))
+        # Bounded: a stopped, blocked (resource alarm) or unreachable broker raises within
+        # about `limit` seconds (plus the retry intervals) instead of hanging the caller; the
+        # time is shared by the first attempt and its retries.
+        attempts = 1 + int(self.app.conf.task_publish_retry_policy.get("max_retries", 0))
+        options.setdefault("timeout", limit / attempts)
+        options.setdefault("confirm_timeout", limit / attempts)
+        started = time.monotonic()
+        if options.get("producer") is not None:  # the caller manages its own producer
+            return super().apply_async(
+                args=(),
+                kwargs=payload.model_dump(exclude_unset=True),
+                task_id=request_id,
+                **options,
+            )
+        try:
+            with self.app.producer_pool.acquire(block=True, timeout=limit) as producer:
+                try:
+                    return super().apply_async(
+                        args=(),
+                        kwargs=payload.model_dump(exclude_unset=True),
+                        task_id=request_id,
+                        producer=producer,
+                        **options,
+                    )
+                except PUBLISH_ERRORS:
+                    # Drop the connection without the closing handshake: a blocked broker
+                    # (resource alarm) never answers it, and the caller would hang there.
+                    producer.connection.collect()
+                    raise
+        except (*PUBLISH_ERRORS, LimitExceeded) as exc:
+            raise BrokerUnavailableError(
+                f"the broker did not confirm request {request_id!r}"
+                f" (gave up after {time.monotonic() - started:.1f} s: {exc!r});"
+                " it may not be enqueued: publishing again with the same request ID is safe"
+            ) from exc
 
     def _refuse_conflict(self, request_id: str, payload: Payload) -> None:
         """Raise ConflictError if request_id is recorded with another payload.

@@ -1,0 +1,122 @@
+"""Enqueue never hangs and shares a bounded pool of connections, across threads and forks."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kombu import pools
+
+from mcard_tasks import app
+from mcard_tasks.errors import BrokerUnavailableError
+from mcard_tasks.tasks import single_mint
+from tests.fixtures import broker_connections, rabbitmqctl, wait_for
+
+pytestmark = pytest.mark.integration
+LIMIT = 2.0
+
+
+@pytest.fixture
+def short_publish_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(app.conf, "mcard_publish_timeout", LIMIT)
+
+
+@pytest.fixture
+def fresh_pools() -> Iterator[None]:
+    """Start and end with no pooled connections in this process."""
+    reset_pools()
+    yield
+    reset_pools()
+
+
+def reset_pools() -> None:
+    app.pool.force_close_all()
+    pools.reset()  # closes and forgets kombu's producer pools of this process
+    app._after_fork()  # new pools from now on
+
+
+def mine() -> list[dict[str, object]]:
+    return [c for c in broker_connections() if str(c["name"]).endswith(f":{os.getpid()}")]
+
+
+def send_one() -> None:
+    single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+
+
+def test_many_threads_publish_through_a_bounded_pool(
+    vhost: str, fresh_pools: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(app.conf, "broker_pool_limit", 3)
+    errors: list[BaseException] = []
+
+    def burst() -> None:
+        try:
+            for _ in range(15):
+                send_one()
+        except BaseException as exc:  # asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=burst) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[:3]
+    held = wait_for(mine, 20, "this process's connections")
+    assert 1 <= len(held) <= 3, held
+
+
+def test_a_forked_child_does_not_share_its_parents_connection(vhost: str) -> None:
+    send_one()  # the parent now holds a pooled connection
+    with app.connection_for_write() as parent_connection:
+        parent_connection.ensure_connection()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: publish, report its connection's name, leave at once
+        code = 0
+        try:
+            send_one()
+            os.write(write_end, ("ok " + " ".join(str(c["name"]) for c in mine())).encode())
+        except BaseException as exc:
+            os.write(write_end, f"error {exc!r}".encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    report = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    assert status == 0 and report.startswith("ok"), report
+    assert f":{pid}" in report, "the child opened its own connection, named with its own pid"
+
+
+def test_a_blocked_broker_raises_a_clear_error_within_the_bound(
+    vhost: str, short_publish_timeout: None, fresh_pools: None
+) -> None:
+    rabbitmqctl("set_vm_memory_high_watermark", "0")  # a memory alarm blocks publishers
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailableError, match="did not confirm"):
+            send_one()
+        assert time.monotonic() - started < LIMIT + 5
+    finally:
+        rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+
+
+def test_a_stopped_broker_raises_a_clear_error_within_the_bound(
+    vhost: str, short_publish_timeout: None, fresh_pools: None
+) -> None:
+    rabbitmqctl("stop_app")
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailableError, match="publishing again with the same"):
+            send_one()
+        assert time.monotonic() - started < LIMIT + 5
+    finally:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+    send_one()  # and publishing works again once it is back

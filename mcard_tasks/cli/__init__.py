@@ -55,9 +55,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from mcard_tasks.cli import demo, dlq, enqueue, status, topology
+    from mcard_tasks.cli import bulk, demo, dlq, enqueue, events, health, status, topology
 
-    for module in (enqueue, status, topology, dlq, demo):
+    for module in (enqueue, bulk, status, topology, dlq, events, health, demo):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -6,6 +6,10 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.worker.consumer.delayed_delivery import DelayedDelivery
+from kombu.transport.native_delayed_delivery import (
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from mcard_tasks.topology import build_topology
 
@@ -50,3 +54,25 @@ class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
     def stop(self, parent: Any) -> None:
         if self.relay is not None:
             self.relay.stop()
+
+
+class LiveNodeDelayedDelivery(DelayedDelivery):  # type: ignore[misc]
+    """Celery's native delayed delivery, set up over the consumer's own (live) connection.
+
+    Celery's step connects to EVERY address of the failover list on every (re)connection and
+    retries a dead one for about 18 s before the consumer starts again. The addresses of one
+    cluster share their exchanges and queues, and the consumer has just connected to a live
+    node: declaring there once is enough, and a failover resumes consuming at once.
+    """
+
+    def start(self, c: Any) -> None:
+        app = c.app
+        self._validate_configuration(app)
+        try:
+            declare_native_delayed_delivery_exchanges_and_queues(
+                c.connection, app.conf.broker_native_delayed_delivery_queue_type
+            )
+            self._bind_queues(app, c.connection)
+        except Exception as exc:
+            # As Celery's own step: a failure here must not stop the worker consuming.
+            logger.warning("delayed delivery not set up on %s: %s", c.connection.as_uri(), exc)

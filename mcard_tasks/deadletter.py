@@ -16,7 +16,7 @@ rejections, so the reason travels with the message.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import signals
 from celery.exceptions import Reject
@@ -81,6 +81,15 @@ def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
 
 class DeadLetterConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, with every give-up path ending in the DLQ instead of an ack."""
+
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        # Delayed delivery declared on the live node only: no stall on a failover.
+        default_steps: ClassVar[list[str]] = [
+            "mcard_tasks.bootsteps:LiveNodeDelayedDelivery"
+            if step == "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+            else step
+            for step in Consumer.Blueprint.default_steps
+        ]
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         dead_letter(self.app, message, f"undecodable body ({message.content_type}): {exc}")

@@ -97,6 +97,8 @@ class Paths:
         self.bare = Celery("bare", broker=app.conf.broker_url)
         self.bare.conf.update(
             broker_transport_options={"confirm_publish": True},
+            # Like for like: mcard-tasks sends Flower's task-sent events, so does the baseline.
+            task_send_sent_event=app.conf.task_send_sent_event,
             task_queues=[Queue("bench.bare", durable=True, queue_arguments=arguments)],
             task_default_queue="bench.bare",
             task_serializer="json",

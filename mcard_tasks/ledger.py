@@ -146,6 +146,7 @@ class Ledger:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._reader = engine.execution_options(mcard_readonly=True)
 
     @contextmanager
     def session(self, readonly: bool = False) -> Iterator[Session]:
@@ -242,12 +243,20 @@ class Ledger:
 
         Raises ConflictError when the ID is recorded with a different payload.
         """
-        with self._session(readonly=True) as session:
-            known = session.get(Operation, request_id)
-            if known is None:
-                return None
-            outcome = self._replay(known, fingerprint(task, payload))
-            return outcome or None  # pending: no outcome yet
+        # Core, not the ORM: this runs before every publish that names its request ID.
+        query = select(Operation.fingerprint, Operation.outcome).where(
+            Operation.request_id == request_id
+        )
+        try:
+            with self._reader.connect() as connection:
+                row = connection.execute(query).first()
+        except OperationalError as exc:
+            raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
+        if row is None:
+            return None
+        if row.fingerprint != fingerprint(task, payload):
+            raise ConflictError(request_id)
+        return str(row.outcome) or None  # pending: no outcome yet
 
     def outcome(self, request_id: str) -> dict[str, Any] | None:
         """The recorded outcome object of a request ID, or None."""
@@ -283,9 +292,16 @@ def get_ledger(url: str | None = None) -> Ledger:
 
         url = get_settings().database_url
     try:
-        return Ledger(engine_for(url))
+        engine = engine_for(url)
     except OperationalError as exc:
         raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
+    ledger = _LEDGERS.get(engine)
+    if ledger is None:
+        ledger = _LEDGERS[engine] = Ledger(engine)
+    return ledger
+
+
+_LEDGERS: dict[Engine, Ledger] = {}
 
 
 def _call_issuer(issuer: Issuer, task: str, request_id: str, payload: Payload) -> None:

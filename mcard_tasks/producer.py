@@ -73,11 +73,14 @@ class RequestTask(Task):  # type: ignore[misc]
         **options: Any,
     ) -> AsyncResult:
         fields = dict(kwargs or {})
+        given = fields.get("request_id", task_id)
         request_id = resolve_request_id(fields.pop("request_id", None), task_id)
         if args:
             raise InvalidRequestError(["args: pass the request's fields as keyword arguments"])
         payload = validate_payload(self.name, fields)
-        if self.app.conf.get("mcard_check_conflicts", True) and request_id != self.request.id:
+        # A generated ID cannot conflict; a retry of the running task is the same request.
+        check = given is not None and request_id != self.request.id
+        if check and self.app.conf.get("mcard_check_conflicts", True):
             self._refuse_conflict(request_id, payload)
         limit = float(self.app.conf.get("mcard_publish_timeout", 5.0))
         # Bounded: a stopped, blocked (resource alarm) or unreachable broker raises within

@@ -137,8 +137,7 @@ class RequestTask(Task):  # type: ignore[misc]
             check_request_id(self.request.id)
             payload = validate_payload(self.name, kwargs)
         except InvalidRequestError as exc:
-            logger.error("dead-lettering request %s: %s", self.request.id, exc)
-            raise Reject(str(exc), requeue=False) from exc
+            raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
         return self.run(**payload.model_dump())
 
     def record(self, payload: Payload) -> dict[str, Any]:
@@ -147,8 +146,6 @@ class RequestTask(Task):  # type: ignore[misc]
         try:
             outcome = ledger.apply(self.name, self.request.id, payload, configured_issuer())
         except ConflictError as exc:
-            logger.error("dead-lettering request %s: %s", self.request.id, exc)
-            raise Reject(str(exc), requeue=False) from exc
+            raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
         result: dict[str, Any] = json.loads(outcome)
-        logger.info("request %s: %s %s", self.request.id, result["outcome"], result["reason"] or "")
-        return result
+        return result  # Celery logs it with the request ID: "Task ...[<request ID>] succeeded"

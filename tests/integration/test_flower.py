@@ -90,11 +90,14 @@ def test_flower_lists_tasks_by_request_id_behind_basic_auth_and_read_only(
 ) -> None:
     worker = make_worker(sqlite_url, "flowered").start()
     use_ledger(sqlite_url)
+
+    def sees_worker() -> bool:
+        # refresh=1: ask the workers now, not Flower's cache from before this worker started
+        status, workers = flower.request("/api/workers?refresh=1")
+        return status == 200 and worker.node in workers
+
     wait_for(
-        lambda: (
-            flower.request("/api/workers")[0] == 200
-            and worker.node in flower.request("/api/workers")[1]
-        ),
+        sees_worker,
         60,
         "Flower to see the worker",
         every=0.5,

@@ -88,7 +88,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_pool": settings.pool,
         # Undecodable, non-JSON, header-less and unknown-task messages go to the DLQ with
         # their reason instead of being acked away (Celery's default for decode errors).
-        "worker_consumer": "mcard_tasks.deadletter:DeadLetterConsumer",
+        "worker_consumer": "mcard_tasks.consumer:MCardConsumer",
         # A warm shutdown (SIGTERM) lets running tasks finish, within bounds.
         "worker_soft_shutdown_timeout": 10.0,
     }

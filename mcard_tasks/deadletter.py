@@ -8,24 +8,22 @@ if that publish fails, the message is rejected and RabbitMQ dead-letters it itse
 has a dead-letter exchange), without the header but never lost. A crash between the confirmed
 republish and the ack can leave a second copy in the DLQ: replays are idempotent by request ID.
 
-Celery's consumer acks undecodable messages away by default; the consumer class below turns
-that and its other give-up paths into dead letters. The request class does the same for task
-rejections, so the reason travels with the message.
+Celery's consumer acks undecodable messages away by default; mcard-tasks' consumer
+(``mcard_tasks.consumer``) turns that and its other give-up paths into dead letters. The
+request class below does the same for task rejections, so the reason travels with the message.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
-from celery import signals
 from celery.exceptions import Reject
-from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE, TASK_NAMES
 
-__all__ = ["REASON_HEADER", "DeadLetterConsumer", "DeadLetterRequest", "dead_letter"]
+__all__ = ["REASON_HEADER", "DeadLetterRequest", "dead_letter"]
 
 logger = logging.getLogger(__name__)
 REASON_HEADER = "x-mcard-reason"
@@ -76,38 +74,11 @@ def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
             correlation_id=properties.get("correlation_id"),
             message_id=properties.get("message_id"),
             retry=False,
+            # Bounded: a blocked broker makes this fail (then the message is rejected and
+            # RabbitMQ dead-letters it) instead of stalling the worker.
+            timeout=app.conf.get("mcard_publish_timeout", 5.0),
+            confirm_timeout=app.conf.get("mcard_publish_timeout", 5.0),
         )
-
-
-class DeadLetterConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, with every give-up path ending in the DLQ instead of an ack."""
-
-    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
-        # Delayed delivery declared on the live node only: no stall on a failover.
-        default_steps: ClassVar[list[str]] = [
-            "mcard_tasks.bootsteps:LiveNodeDelayedDelivery"
-            if step == "celery.worker.consumer.delayed_delivery:DelayedDelivery"
-            else step
-            for step in Consumer.Blueprint.default_steps
-        ]
-
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        dead_letter(self.app, message, f"undecodable body ({message.content_type}): {exc}")
-
-    def on_unknown_message(self, body: Any, message: Any) -> None:
-        dead_letter(self.app, message, "not a Celery task message (no task headers)")
-        signals.task_rejected.send(sender=self, message=message, exc=None)
-
-    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        name = (message.headers or {}).get("task")
-        dead_letter(self.app, message, f"unknown task name {name!r}")
-        signals.task_unknown.send(
-            sender=self, message=message, exc=exc, name=name, id=(message.headers or {}).get("id")
-        )
-
-    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        dead_letter(self.app, message, f"invalid task message: {exc}")
-        signals.task_rejected.send(sender=self, message=message, exc=exc)
 
 
 class DeadLetterRequest(Request):  # type: ignore[misc]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +45,11 @@ class OutboxRelay:
     def __init__(self, app: Celery, ledger_url: str, interval: float = 0.05) -> None:
         self.app, self.ledger_url, self.interval = app, ledger_url, interval
         self._stop = threading.Event()
+        # Held while a batch is relayed. A prefork worker forks replacement children while
+        # this thread runs: the fork waits for the batch to end, so no child inherits a lock
+        # (of the database driver, SQLAlchemy or kombu) taken in the middle of one.
+        self._busy = threading.Lock()
+        _RELAYS.add(self)
         self._thread: threading.Thread | None = None
 
     @property
@@ -86,6 +93,8 @@ class OutboxRelay:
                     serializer=None,
                     retry=True,
                     declare=[EVENTS_EXCHANGE],
+                    timeout=self.app.conf.get("mcard_publish_timeout", 5.0),
+                    confirm_timeout=self.app.conf.get("mcard_publish_timeout", 5.0),
                 )
 
     @staticmethod
@@ -99,7 +108,9 @@ class OutboxRelay:
     def run(self) -> None:
         while not self._stop.is_set():
             try:
-                if self.publish_pending() == BATCH:
+                with self._busy:
+                    published = self.publish_pending()
+                if published == BATCH:
                     continue
             except Exception as exc:  # keep relaying: the rows wait in the outbox
                 logger.warning("outbox relay: %s; retrying in 1 s", exc)
@@ -121,6 +132,29 @@ class OutboxRelay:
                 pass
         except Exception as exc:  # the rows stay in the outbox for any other relay
             logger.warning("outbox relay: final pass failed: %s", exc)
+
+
+_RELAYS: weakref.WeakSet[OutboxRelay] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for relay in list(_RELAYS):
+        relay._busy.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for relay in list(_RELAYS):
+        relay._busy.release()
+
+
+def _after_fork_in_child() -> None:
+    for relay in list(_RELAYS):
+        relay._busy = threading.Lock()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
 
 
 def relay_for(app: Celery) -> OutboxRelay:

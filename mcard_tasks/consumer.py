@@ -1,0 +1,63 @@
+"""The worker's consumer: Celery's, with the changes mcard-tasks needs.
+
+- Every give-up path (undecodable body, not JSON, no task headers, unknown task, invalid
+  message) ends in the queue's dead-letter queue with its reason, instead of an ack.
+- Native delayed delivery is declared on the live node the consumer just connected to, so a
+  failover resumes consuming at once.
+- Task events are published without confirms: they must never stall the main loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from celery import signals
+from celery.worker.consumer import Consumer
+
+from mcard_tasks.deadletter import dead_letter
+
+__all__ = ["MCardConsumer"]
+
+
+class MCardConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, with every give-up path ending in the DLQ instead of an ack."""
+
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        # Delayed delivery declared on the live node only: no stall on a failover.
+        default_steps: ClassVar[list[str]] = [
+            "mcard_tasks.bootsteps:LiveNodeDelayedDelivery"
+            if step == "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+            else step
+            for step in Consumer.Blueprint.default_steps
+        ]
+
+    def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
+        """The connection of the worker's task events (Celery's Events step is its one user).
+
+        Events are monitoring data for Flower: published without publisher confirms, so the
+        main loop never waits on the broker for them (with confirms, a confirm that never came
+        stalled the consumer for good, seen in benchmarks under load).
+        """
+        options = dict(self.app.conf.broker_transport_options or {}, confirm_publish=False)
+        connection = self.app.connection_for_write(
+            url=url, heartbeat=heartbeat, transport_options=options
+        )
+        return self.ensure_connected(connection)
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        dead_letter(self.app, message, f"undecodable body ({message.content_type}): {exc}")
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        dead_letter(self.app, message, "not a Celery task message (no task headers)")
+        signals.task_rejected.send(sender=self, message=message, exc=None)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        name = (message.headers or {}).get("task")
+        dead_letter(self.app, message, f"unknown task name {name!r}")
+        signals.task_unknown.send(
+            sender=self, message=message, exc=exc, name=name, id=(message.headers or {}).get("id")
+        )
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        dead_letter(self.app, message, f"invalid task message: {exc}")
+        signals.task_rejected.send(sender=self, message=message, exc=exc)

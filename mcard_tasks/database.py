@@ -68,7 +68,9 @@ def _sqlite_engine(url: str) -> Engine:
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # No pre-ping (a round trip per transaction): a connection gone stale fails its
+    # transaction, which is retried as a transient error, and SQLAlchemy then replaces it.
+    return create_engine(url, pool_size=10, max_overflow=20)
 
 
 def upgrade_schema(engine: Engine) -> None:

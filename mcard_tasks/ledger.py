@@ -200,6 +200,13 @@ class Ledger:
             known = session.get(Operation, request_id)
             if known is not None:
                 return None if known.status == "pending" else self._replay(known, digest)
+            rule, pending_status, final_status = RULES[task]
+            verdict = rule(
+                session, request_id, payload, pending_status if external else final_status
+            )
+            # The claim: the request ID's row goes in with the effect, in one flush at the end
+            # (fewer statements). A concurrent claim of the same ID or card fails on a unique
+            # key and the whole transaction starts again.
             operation = Operation(
                 request_id=request_id,
                 task=task,
@@ -209,11 +216,6 @@ class Ledger:
                 recorded_at=_now(),
             )
             session.add(operation)
-            session.flush()  # claim the request ID before touching any card
-            rule, pending_status, final_status = RULES[task]
-            verdict = rule(
-                session, request_id, payload, pending_status if external else final_status
-            )
             if external and verdict.reason is None:
                 return None  # effect reserved; the issuer is called outside the transaction
             return _record(session, operation, payload, verdict)

@@ -174,7 +174,7 @@ def recovery_seconds(commit_times: list[datetime], fault_at: float) -> float:
 def count_runs(logs: list[Path], request_prefix: str) -> int:
     """How many task runs the workers logged for the requests whose IDs start with prefix
     (a redelivered message runs again and is answered from the ledger)."""
-    pattern = re.compile(rf"request {re.escape(request_prefix)}\S*: (succeeded|rejected)")
+    pattern = re.compile(rf"\[{re.escape(request_prefix)}\S*\] succeeded in")
     return sum(len(pattern.findall(log.read_text(errors="replace"))) for log in logs)
 
 

@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kombu import Connection
+from kombu.entity import Queue
 from sqlalchemy import func, select
 
 from mcard_tasks.ledger import Ledger, get_ledger
 from mcard_tasks.models import Card, Operation
+from mcard_tasks.topology import EVENTS_EXCHANGE
 from tests.cluster import (
     OWNER,
     ROOT,
@@ -153,6 +156,44 @@ def commit_times(ledger: Ledger, request_ids: list[str]) -> list[Any]:
         return list(connection.execute(query).scalars())
 
 
+def subscribe(urls: str, name: str) -> Queue:
+    """A quorum queue (replicated, so it outlives any one node) bound to the outcome events."""
+    queue = Queue(
+        name,
+        EVENTS_EXCHANGE,
+        routing_key="mcard.single_mint.*",
+        durable=True,
+        auto_delete=False,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+    with Connection(urls) as connection:
+        EVENTS_EXCHANGE(connection.default_channel).declare()
+        queue(connection.default_channel).declare()
+    return queue
+
+
+def drain_events(urls: str, queue: Queue, wanted: set[str]) -> dict[str, list[str]]:
+    """Every event body by request ID, read through a surviving node; the queue is deleted."""
+    bodies: dict[str, list[str]] = {}
+
+    def take() -> bool:
+        with Connection(urls) as connection:
+            bound = queue(connection.default_channel)
+            while (message := bound.get(no_ack=True)) is not None:
+                body = (
+                    message.body if isinstance(message.body, str) else bytes(message.body).decode()
+                )
+                bodies.setdefault(message.properties["message_id"], []).append(body)
+        return wanted <= set(bodies)
+
+    try:
+        wait_for(take, 60, "every outcome's event on a surviving node", every=0.5)
+    finally:
+        with Connection(urls) as connection:
+            queue(connection.default_channel).delete()
+    return bodies
+
+
 def other_leader(old: str) -> str | None:
     """The task queue's leader if it is no longer old (asked of the other nodes)."""
     leader = queue_leader(TASK_QUEUE, down=(old,))
@@ -187,6 +228,7 @@ def run_failover(
     run = f"{fault}-{uuid.uuid4().hex[:8]}"
     sent = {f"{run}-{i}": f"card-{run}-{i}" for i in range(REQUESTS)}
     ids = list(sent)
+    subscriber = subscribe(urls, f"test-cluster-events-{run}")
     producer = ProducerRun.start(sent, urls, postgresql_url, folder, rate=RATE)
     try:
         wait_for(lambda: outcomes(ledger, ids) >= FAULT_AFTER, 60, "the stream to start")
@@ -209,6 +251,11 @@ def run_failover(
     all_done = time.time() - fault_at
     assert done_at_fault < len(ids), "the leader went down mid-stream"
     figures = exactly_once(ledger, sent)
+    events = drain_events(urls, subscriber, set(ids))
+    assert set(ids) <= set(events), f"{len(set(ids) - set(events))} outcomes missed their event"
+    for request_id in ids:
+        assert len(set(events[request_id])) == 1, f"copies of {request_id}'s event differ"
+        assert json.loads(events[request_id][0]) == ledger.outcome(request_id)
     for worker in workers:
         assert worker.process is not None and worker.process.poll() is None, (
             f"{worker.node} kept going without a restart"
@@ -223,6 +270,7 @@ def run_failover(
         "publish_failures_retried": report["publish_failures"],
         "slowest_publish_s": report["slowest_publish_s"],
         "task_runs": count_runs([w.log for w in workers], run),
+        "events_received": sum(len(copies) for copies in events.values()),
         "outcomes_before_fault": done_at_fault,
         "recovery_s": round(recovery_seconds(times, fault_at), 2),
         "all_outcomes_after_fault_s": round(all_done, 2),

@@ -157,7 +157,7 @@ class Ledger:
     @contextmanager
     def _session(self, readonly: bool = False) -> Iterator[Session]:
         try:
-            bind = self.engine.execution_options(mcard_readonly=readonly)
+            bind = self._reader if readonly else self.engine
             with Session(bind, expire_on_commit=False) as session, session.begin():
                 yield session
         except OperationalError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 from amqp.exceptions import AMQPError, MessageNacked
@@ -89,24 +90,19 @@ class RequestTask(Task):  # type: ignore[misc]
         attempts = 1 + int(self.app.conf.task_publish_retry_policy.get("max_retries", 0))
         options.setdefault("timeout", limit / attempts)
         options.setdefault("confirm_timeout", limit / attempts)
-        started = time.monotonic()
+        publish = partial(
+            super().apply_async,
+            args=(),
+            kwargs=payload.model_dump(exclude_unset=True),
+            task_id=request_id,
+        )
         if options.get("producer") is not None:  # the caller manages its own producer
-            return super().apply_async(
-                args=(),
-                kwargs=payload.model_dump(exclude_unset=True),
-                task_id=request_id,
-                **options,
-            )
+            return publish(**options)
+        started = time.monotonic()
         try:
             with self.app.producer_pool.acquire(block=True, timeout=limit) as producer:
                 try:
-                    return super().apply_async(
-                        args=(),
-                        kwargs=payload.model_dump(exclude_unset=True),
-                        task_id=request_id,
-                        producer=producer,
-                        **options,
-                    )
+                    return publish(producer=producer, **options)
                 except PUBLISH_ERRORS:
                     # Drop the connection without the closing handshake: a blocked broker
                     # (resource alarm) never answers it, and the caller would hang there.

@@ -60,6 +60,19 @@ def broker_connections(vhost: str = VHOST) -> list[dict[str, Any]]:
     return found
 
 
+def recorded(ledger: Any, request_ids: list[str]) -> int:
+    """How many of request_ids have an outcome in the ledger (one query)."""
+    from sqlalchemy import func, select
+
+    from mcard_tasks.models import Operation
+
+    with ledger.engine.connect() as connection:
+        query = select(func.count()).where(
+            Operation.request_id.in_(request_ids), Operation.status != "pending"
+        )
+        return int(connection.execute(query).scalar_one())
+
+
 def drain_dlq(queue: str) -> list[Any]:
     """Take every message now in queue's dead-letter queue (acking them)."""
     from mcard_tasks import app
@@ -120,9 +133,8 @@ class Worker:
     def node(self) -> str:
         return self.name
 
-    def start(self, timeout: float = 60) -> Worker:
-        from mcard_tasks import app
-
+    def launch(self) -> Worker:
+        """Start the process without waiting for it."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "worker", *self.extra],
@@ -132,6 +144,13 @@ class Worker:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, for kill()
             )
+        return self
+
+    def start(self, timeout: float = 60) -> Worker:
+        """Start the process and wait until it answers a ping."""
+        from mcard_tasks import app
+
+        self.launch()
         wait_for(
             lambda: self._exited() or app.control.ping(destination=[self.node], timeout=0.5),
             timeout,

@@ -14,8 +14,6 @@ worker's log, and results are read from the ledger.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,14 +23,13 @@ from typing import Any
 import pytest
 from kombu import Connection
 from kombu.entity import Queue
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from mcard_tasks.ledger import Ledger, get_ledger
 from mcard_tasks.models import Card, Operation
 from mcard_tasks.topology import EVENTS_EXCHANGE
 from tests.cluster import (
     OWNER,
-    ROOT,
     TASK_QUEUE,
     ProducerRun,
     cluster_prerequisites,
@@ -48,7 +45,7 @@ from tests.cluster import (
     recovery_seconds,
     running_nodes,
 )
-from tests.fixtures import Worker, wait_for
+from tests.fixtures import Worker, recorded, wait_for
 
 # Cluster start (~20 s) and stop (~10 s) are billed to the first and last test.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(200)]
@@ -90,15 +87,7 @@ def start_on_cluster(workers: list[Worker], timeout: float = 90) -> list[Worker]
     before it).
     """
     for worker in workers:
-        with worker.log.open("ab") as out:
-            worker.process = subprocess.Popen(
-                [sys.executable, "-m", "worker", *worker.extra],
-                cwd=ROOT,
-                env=worker.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        worker.launch()
     for worker in workers:
         wait_for(
             lambda w=worker: (  # type: ignore[misc]
@@ -112,15 +101,6 @@ def start_on_cluster(workers: list[Worker], timeout: float = 90) -> list[Worker]
             f"worker {worker.node} exited: {worker.log.read_text()[-3000:]}"
         )
     return workers
-
-
-def outcomes(ledger: Ledger, request_ids: list[str]) -> int:
-    """How many of request_ids have a recorded outcome (one query)."""
-    with ledger.engine.connect() as connection:
-        query = select(func.count()).where(
-            Operation.request_id.in_(request_ids), Operation.status != "pending"
-        )
-        return int(connection.execute(query).scalar_one())
 
 
 def exactly_once(ledger: Ledger, sent: dict[str, str]) -> dict[str, Any]:
@@ -231,8 +211,8 @@ def run_failover(
     subscriber = subscribe(urls, f"test-cluster-events-{run}")
     producer = ProducerRun.start(sent, urls, postgresql_url, folder, rate=RATE)
     try:
-        wait_for(lambda: outcomes(ledger, ids) >= FAULT_AFTER, 60, "the stream to start")
-        done_at_fault = outcomes(ledger, ids)
+        wait_for(lambda: recorded(ledger, ids) >= FAULT_AFTER, 60, "the stream to start")
+        done_at_fault = recorded(ledger, ids)
         fault_at = time.time()
         take_down(leader)
         new_leader = wait_for(
@@ -243,7 +223,7 @@ def run_failover(
         producer.stop()
     assert report["confirmed"] == len(sent) and not report["unsent"], report
     wait_for(
-        lambda: outcomes(ledger, ids) == len(ids),
+        lambda: recorded(ledger, ids) == len(ids),
         RECOVERY_BUDGET,
         "every request's outcome",
         every=0.5,

@@ -14,8 +14,8 @@ from mcard_tasks import app
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.tasks import single_burn, single_mint
 from mcard_tasks.topology import EVENTS_EXCHANGE
-from tests.fixtures import Worker, use_ledger, wait_for
-from tests.integration.test_faults import assert_each_minted_exactly_once, recorded, send_mints
+from tests.fixtures import Worker, recorded, use_ledger, wait_for
+from tests.integration.test_faults import assert_each_minted_exactly_once, send_mints
 
 pytestmark = pytest.mark.integration
 

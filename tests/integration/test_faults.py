@@ -17,14 +17,12 @@ from typing import Any
 
 import pytest
 from kombu import Connection, Producer
-from sqlalchemy import func, select
 
 from mcard_tasks import app
 from mcard_tasks.deadletter import REASON_HEADER
 from mcard_tasks.ledger import Ledger, get_ledger
-from mcard_tasks.models import Operation
 from mcard_tasks.tasks import single_burn, single_mint
-from tests.fixtures import Worker, drain_dlq, rabbitmqctl, use_ledger, wait_for
+from tests.fixtures import Worker, drain_dlq, rabbitmqctl, recorded, use_ledger, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,15 +69,6 @@ def send_mints(count: int) -> dict[str, str]:
     for request_id, card in sent.items():
         single_mint.delay(card_id=card, owner="alice", request_id=request_id)
     return sent
-
-
-def recorded(ledger: Ledger, request_ids: list[str]) -> int:
-    """How many of request_ids have an outcome in the ledger (one query)."""
-    with ledger.engine.connect() as connection:
-        query = select(func.count()).where(
-            Operation.request_id.in_(request_ids), Operation.status != "pending"
-        )
-        return int(connection.execute(query).scalar_one())
 
 
 def assert_each_minted_exactly_once(ledger: Ledger, sent: dict[str, str]) -> None:

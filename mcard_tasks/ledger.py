@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, Table, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -57,39 +58,80 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _mint_cards(session: Session, request_id: str, payload: Payload, status: str) -> Verdict:
-    """All or nothing: if any card exists (or is being minted), none is minted."""
+# The tables, for the Core statements of the hot path.
+CARDS = cast(Table, Card.__table__)
+OPERATIONS = cast(Table, Operation.__table__)
+OUTBOX = cast(Table, OutboxEvent.__table__)
+
+
+def _insert(connection: Connection, table: Table) -> Any:
+    """INSERT with ON CONFLICT DO NOTHING support, in the connection's dialect."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _mint_cards(connection: Connection, request_id: str, payload: Payload, status: str) -> Verdict:
+    """All or nothing: if any card exists (or is being minted), none is minted.
+
+    One statement on the way to success: the cards go in unless their ID is taken, and a
+    concurrent mint of the same card waits on the unique key, then finds it taken.
+    """
     assert isinstance(payload, MintRequest | SingleMintRequest)
     card_ids = _card_ids(payload)
-    taken = session.scalars(select(Card.card_id).where(Card.card_id.in_(card_ids))).all()
-    if taken:
-        return Verdict("already_minted", "already minted: " + ", ".join(sorted(taken)[:20]))
     now = _now()
-    session.add_all(
-        Card(
-            card_id=card_id,
-            owner=payload.owner,
-            card_metadata=payload.metadata,
-            status=status,
-            minted_by=request_id,
-            minted_at=now,
+    minted = (
+        connection.execute(
+            _insert(connection, CARDS)
+            .values(
+                [
+                    {
+                        "card_id": card_id,
+                        "owner": payload.owner,
+                        "metadata": payload.metadata,
+                        "status": status,
+                        "minted_by": request_id,
+                        "minted_at": now,
+                    }
+                    for card_id in card_ids
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["card_id"])
+            .returning(CARDS.c.card_id)
         )
-        for card_id in card_ids
+        .scalars()
+        .all()
     )
-    return Verdict()
+    if len(minted) == len(card_ids):
+        return Verdict()
+    if minted:  # some were free: give them back, the batch is all or nothing
+        connection.execute(delete(CARDS).where(CARDS.c.card_id.in_(minted)))
+    taken = sorted(set(card_ids) - set(minted))
+    return Verdict("already_minted", "already minted: " + ", ".join(taken[:20]))
 
 
-def _burn_card(session: Session, request_id: str, payload: Payload, status: str) -> Verdict:
+def _burn_card(connection: Connection, request_id: str, payload: Payload, status: str) -> Verdict:
+    """One statement on the way to success; a refusal looks at the card to name its reason."""
     assert isinstance(payload, SingleBurnRequest)
-    card = session.get(Card, payload.card_id, with_for_update=True)
+    burned = connection.execute(
+        update(CARDS)
+        .where(
+            CARDS.c.card_id == payload.card_id,
+            CARDS.c.status == "active",
+            CARDS.c.owner == payload.owner,
+        )
+        .values(status=status, burned_by=request_id, burned_at=_now())
+    ).rowcount
+    if burned:
+        return Verdict()
+    card = connection.execute(
+        select(CARDS.c.status, CARDS.c.owner).where(CARDS.c.card_id == payload.card_id)
+    ).first()
     if card is None or card.status == "minting":
         return Verdict("unknown_card", f"no card {payload.card_id!r} was minted")
     if card.status in ("burned", "burning"):
         return Verdict("already_burned", f"card {payload.card_id!r} is already burned")
-    if card.owner != payload.owner:
-        return Verdict("not_holder", f"card {payload.card_id!r} is not held by that owner")
-    card.status, card.burned_by, card.burned_at = status, request_id, _now()
-    return Verdict()
+    return Verdict("not_holder", f"card {payload.card_id!r} is not held by that owner")
 
 
 def _card_ids(payload: Payload) -> list[str]:
@@ -99,7 +141,7 @@ def _card_ids(payload: Payload) -> list[str]:
     return [payload.card_id]
 
 
-Rule = Callable[[Session, str, Payload, str], Verdict]
+Rule = Callable[[Connection, str, Payload, str], Verdict]
 #: Each rule decides and applies (or reserves, with a pending status) the effect.
 RULES: dict[str, tuple[Rule, str, str]] = {
     # task: (rule, status while an external issuer works, final status)
@@ -109,7 +151,9 @@ RULES: dict[str, tuple[Rule, str, str]] = {
 }
 
 
-def _outcome_object(task: str, request_id: str, payload: Payload, verdict: Verdict) -> str:
+def _outcome_object(
+    task: str, request_id: str, payload: Payload, verdict: Verdict, recorded_at: datetime
+) -> str:
     return canonical_json(
         {
             "request_id": request_id,
@@ -119,26 +163,32 @@ def _outcome_object(task: str, request_id: str, payload: Payload, verdict: Verdi
             "detail": verdict.detail,
             "owner": payload.owner,
             "card_ids": _card_ids(payload),
-            "recorded_at": _now().isoformat(),
+            "recorded_at": recorded_at.isoformat(),
         }
     )
 
 
-def _record(session: Session, operation: Operation, payload: Payload, verdict: Verdict) -> str:
-    """Record the final outcome and its pending event, in the caller's transaction."""
-    operation.outcome = _outcome_object(operation.task, operation.request_id, payload, verdict)
-    operation.status = verdict.outcome
-    operation.recorded_at = _now()
-    session.add(
-        OutboxEvent(
-            request_id=operation.request_id,
-            routing_key=f"{operation.task}.{verdict.outcome}",
-            body=operation.outcome,
-            created_at=operation.recorded_at,
+def _add_event(
+    connection: Connection,
+    task: str,
+    request_id: str,
+    verdict: Verdict,
+    outcome: str,
+    recorded_at: datetime,
+) -> None:
+    """The outcome's pending event, in the transaction that records the outcome (outbox)."""
+    connection.execute(
+        insert(OUTBOX).values(
+            request_id=request_id,
+            routing_key=f"{task}.{verdict.outcome}",
+            body=outcome,
+            created_at=recorded_at,
         )
     )
-    session.flush()
-    return operation.outcome
+
+
+class _AlreadyClaimed(Exception):
+    """The request ID is recorded already: undo this attempt and look at the record."""
 
 
 class Ledger:
@@ -160,6 +210,15 @@ class Ledger:
             bind = self._reader if readonly else self.engine
             with Session(bind, expire_on_commit=False) as session, session.begin():
                 yield session
+        except OperationalError as exc:
+            raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A write transaction on the ledger, in SQLAlchemy Core (the hot path: no ORM)."""
+        try:
+            with self.engine.begin() as connection:
+                yield connection
         except OperationalError as exc:
             raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
 
@@ -195,50 +254,81 @@ class Ledger:
     def _claim(
         self, task: str, request_id: str, payload: Payload, digest: str, external: bool
     ) -> str | None:
-        """Claim the request ID and decide; the final outcome, or None while it is pending."""
-        with self._session() as session:
-            known = session.get(Operation, request_id)
-            if known is not None:
-                return None if known.status == "pending" else self._replay(known, digest)
-            rule, pending_status, final_status = RULES[task]
-            verdict = rule(
-                session, request_id, payload, pending_status if external else final_status
-            )
-            # The claim: the request ID's row goes in with the effect, in one flush at the end
-            # (fewer statements). A concurrent claim of the same ID or card fails on a unique
-            # key and the whole transaction starts again.
-            operation = Operation(
-                request_id=request_id,
-                task=task,
-                fingerprint=digest,
-                status="pending",
-                outcome="",
-                recorded_at=_now(),
-            )
-            session.add(operation)
-            if external and verdict.reason is None:
-                return None  # effect reserved; the issuer is called outside the transaction
-            return _record(session, operation, payload, verdict)
+        """Decide, apply and claim the request ID in one transaction.
+
+        Returns the final outcome, or None while it is pending (external issuer). Three
+        statements and a commit for a new request: the effect, the operation row (the claim,
+        which carries the outcome) and its event. If the request ID turns out to be recorded
+        already, the attempt is rolled back and the record answers instead (a replay).
+        """
+        rule, pending_status, final_status = RULES[task]
+        try:
+            with self._transaction() as connection:
+                verdict = rule(
+                    connection, request_id, payload, pending_status if external else final_status
+                )
+                pending = external and verdict.reason is None
+                now = _now()
+                outcome = (
+                    "" if pending else _outcome_object(task, request_id, payload, verdict, now)
+                )
+                claimed = connection.execute(
+                    _insert(connection, OPERATIONS)
+                    .values(
+                        request_id=request_id,
+                        task=task,
+                        fingerprint=digest,
+                        status="pending" if pending else verdict.outcome,
+                        outcome=outcome,
+                        recorded_at=now,
+                    )
+                    .on_conflict_do_nothing(index_elements=["request_id"])
+                    .returning(OPERATIONS.c.request_id)
+                ).first()
+                if claimed is None:
+                    raise _AlreadyClaimed
+                if pending:
+                    return None  # effect reserved; the issuer is called outside the transaction
+                _add_event(connection, task, request_id, verdict, outcome, now)
+                return outcome
+        except _AlreadyClaimed:
+            pass
+        with self._transaction() as connection:
+            known = connection.execute(
+                select(OPERATIONS.c.fingerprint, OPERATIONS.c.status, OPERATIONS.c.outcome).where(
+                    OPERATIONS.c.request_id == request_id
+                )
+            ).one()
+        if known.fingerprint != digest:
+            raise ConflictError(request_id)
+        return None if known.status == "pending" else str(known.outcome)
 
     def _complete(self, request_id: str, payload: Payload) -> str:
         """After the issuer succeeded: make the reserved effect final and record the outcome."""
-        with self._session() as session:
-            operation = session.get(Operation, request_id, with_for_update=True)
+        with self._transaction() as connection:
+            operation = connection.execute(
+                select(OPERATIONS.c.task, OPERATIONS.c.status, OPERATIONS.c.outcome)
+                .where(OPERATIONS.c.request_id == request_id)
+                .with_for_update()
+            ).first()
             assert operation is not None, f"pending operation {request_id} vanished"
             if operation.status != "pending":
-                return operation.outcome  # another delivery completed it meanwhile
-            _, _, final_status = RULES[operation.task]
-            for card in session.scalars(
-                select(Card).where(Card.card_id.in_(_card_ids(payload))).with_for_update()
-            ):
-                card.status = final_status
-            return _record(session, operation, payload, Verdict())
-
-    @staticmethod
-    def _replay(operation: Operation, digest: str) -> str:
-        if operation.fingerprint != digest:
-            raise ConflictError(operation.request_id)
-        return operation.outcome
+                return str(operation.outcome)  # another delivery completed it meanwhile
+            task = operation.task
+            connection.execute(
+                update(CARDS)
+                .where(CARDS.c.card_id.in_(_card_ids(payload)))
+                .values(status=RULES[task][2])
+            )
+            verdict, now = Verdict(), _now()
+            outcome = _outcome_object(task, request_id, payload, verdict, now)
+            connection.execute(
+                update(OPERATIONS)
+                .where(OPERATIONS.c.request_id == request_id)
+                .values(status=verdict.outcome, outcome=outcome, recorded_at=now)
+            )
+            _add_event(connection, task, request_id, verdict, outcome, now)
+            return outcome
 
     def check(self, task: str, request_id: str, payload: Payload) -> str | None:
         """The stored outcome if this very request is recorded, None if the ID is new.

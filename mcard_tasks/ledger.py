@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Table, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -64,11 +64,52 @@ OPERATIONS = cast(Table, Operation.__table__)
 OUTBOX = cast(Table, OutboxEvent.__table__)
 
 
-def _insert(connection: Connection, table: Table) -> Any:
-    """INSERT with ON CONFLICT DO NOTHING support, in the connection's dialect."""
-    if connection.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+@dataclass(frozen=True)
+class _Statements:
+    """The hot path's statements, built once per dialect: only their parameters change, so
+    SQLAlchemy compiles each once and psycopg prepares it on the server."""
+
+    mint: Any  # INSERT cards ... ON CONFLICT DO NOTHING RETURNING card_id
+    claim: Any  # INSERT operations ... ON CONFLICT DO NOTHING RETURNING request_id
+    event: Any  # INSERT outbox
+    burn: Any  # UPDATE the card if active and held by the owner
+    card_state: Any
+    known: Any  # the recorded operation of a request ID
+
+    @classmethod
+    def build(cls, dialect: str) -> _Statements:
+        insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        return cls(
+            mint=insert_(CARDS)
+            .on_conflict_do_nothing(index_elements=["card_id"])
+            .returning(CARDS.c.card_id),
+            claim=insert_(OPERATIONS)
+            .on_conflict_do_nothing(index_elements=["request_id"])
+            .returning(OPERATIONS.c.request_id),
+            event=insert(OUTBOX),
+            burn=update(CARDS).where(
+                CARDS.c.card_id == bindparam("the_card"),
+                CARDS.c.status == "active",
+                CARDS.c.owner == bindparam("the_owner"),
+            ),
+            card_state=select(CARDS.c.status, CARDS.c.owner).where(
+                CARDS.c.card_id == bindparam("card_id")
+            ),
+            known=select(OPERATIONS.c.fingerprint, OPERATIONS.c.status, OPERATIONS.c.outcome).where(
+                OPERATIONS.c.request_id == bindparam("request_id")
+            ),
+        )
+
+
+_STATEMENTS: dict[str, _Statements] = {}
+
+
+def _statements(connection: Connection) -> _Statements:
+    dialect = connection.dialect.name
+    built = _STATEMENTS.get(dialect)
+    if built is None:
+        built = _STATEMENTS[dialect] = _Statements.build(dialect)
+    return built
 
 
 def _mint_cards(connection: Connection, request_id: str, payload: Payload, status: str) -> Verdict:
@@ -80,25 +121,19 @@ def _mint_cards(connection: Connection, request_id: str, payload: Payload, statu
     assert isinstance(payload, MintRequest | SingleMintRequest)
     card_ids = _card_ids(payload)
     now = _now()
+    rows = [
+        {
+            "card_id": card_id,
+            "owner": payload.owner,
+            "metadata": payload.metadata,
+            "status": status,
+            "minted_by": request_id,
+            "minted_at": now,
+        }
+        for card_id in card_ids
+    ]
     minted = (
-        connection.execute(
-            _insert(connection, CARDS)
-            .values(
-                [
-                    {
-                        "card_id": card_id,
-                        "owner": payload.owner,
-                        "metadata": payload.metadata,
-                        "status": status,
-                        "minted_by": request_id,
-                        "minted_at": now,
-                    }
-                    for card_id in card_ids
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=["card_id"])
-            .returning(CARDS.c.card_id)
-        )
+        connection.execute(_statements(connection).mint, rows[0] if len(rows) == 1 else rows)
         .scalars()
         .all()
     )
@@ -113,20 +148,20 @@ def _mint_cards(connection: Connection, request_id: str, payload: Payload, statu
 def _burn_card(connection: Connection, request_id: str, payload: Payload, status: str) -> Verdict:
     """One statement on the way to success; a refusal looks at the card to name its reason."""
     assert isinstance(payload, SingleBurnRequest)
+    statements = _statements(connection)
     burned = connection.execute(
-        update(CARDS)
-        .where(
-            CARDS.c.card_id == payload.card_id,
-            CARDS.c.status == "active",
-            CARDS.c.owner == payload.owner,
-        )
-        .values(status=status, burned_by=request_id, burned_at=_now())
+        statements.burn,
+        {
+            "the_card": payload.card_id,
+            "the_owner": payload.owner,
+            "status": status,
+            "burned_by": request_id,
+            "burned_at": _now(),
+        },
     ).rowcount
     if burned:
         return Verdict()
-    card = connection.execute(
-        select(CARDS.c.status, CARDS.c.owner).where(CARDS.c.card_id == payload.card_id)
-    ).first()
+    card = connection.execute(statements.card_state, {"card_id": payload.card_id}).first()
     if card is None or card.status == "minting":
         return Verdict("unknown_card", f"no card {payload.card_id!r} was minted")
     if card.status in ("burned", "burning"):
@@ -178,12 +213,13 @@ def _add_event(
 ) -> None:
     """The outcome's pending event, in the transaction that records the outcome (outbox)."""
     connection.execute(
-        insert(OUTBOX).values(
-            request_id=request_id,
-            routing_key=f"{task}.{verdict.outcome}",
-            body=outcome,
-            created_at=recorded_at,
-        )
+        _statements(connection).event,
+        {
+            "request_id": request_id,
+            "routing_key": f"{task}.{verdict.outcome}",
+            "body": outcome,
+            "created_at": recorded_at,
+        },
     )
 
 
@@ -273,17 +309,15 @@ class Ledger:
                     "" if pending else _outcome_object(task, request_id, payload, verdict, now)
                 )
                 claimed = connection.execute(
-                    _insert(connection, OPERATIONS)
-                    .values(
-                        request_id=request_id,
-                        task=task,
-                        fingerprint=digest,
-                        status="pending" if pending else verdict.outcome,
-                        outcome=outcome,
-                        recorded_at=now,
-                    )
-                    .on_conflict_do_nothing(index_elements=["request_id"])
-                    .returning(OPERATIONS.c.request_id)
+                    _statements(connection).claim,
+                    {
+                        "request_id": request_id,
+                        "task": task,
+                        "fingerprint": digest,
+                        "status": "pending" if pending else verdict.outcome,
+                        "outcome": outcome,
+                        "recorded_at": now,
+                    },
                 ).first()
                 if claimed is None:
                     raise _AlreadyClaimed
@@ -295,9 +329,7 @@ class Ledger:
             pass
         with self._transaction() as connection:
             known = connection.execute(
-                select(OPERATIONS.c.fingerprint, OPERATIONS.c.status, OPERATIONS.c.outcome).where(
-                    OPERATIONS.c.request_id == request_id
-                )
+                _statements(connection).known, {"request_id": request_id}
             ).one()
         if known.fingerprint != digest:
             raise ConflictError(request_id)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.errors import (
     BrokerUnavailableError,
     ConflictError,
@@ -444,130 +444,46 @@ class _ConflictCheck:
 
 
 class _Publisher:
-    """One connection, one channel in confirm mode, a window of unconfirmed messages."""
+    """Publishes task messages through a confirm window, counting them in the report."""
 
     def __init__(self, app: Celery, report: ImportReport, timeout: float, window: int) -> None:
         self.app = app
         self.report = report
-        self.timeout = timeout
-        self.window = window
-        self.pending: dict[int, str] = {}  # delivery tag -> request ID, in flight
-        self.next_tag = 1
-        self.low = 1  # every tag below is settled
-        self.blocked: str | None = None
-        self.connection: Any = None
-        self.channel: Any = None
+        self.window = ConfirmWindow(app, self._settled, timeout, window, purpose="bulk")
         self.reprs = _Reprs(app)
 
     def open(self) -> None:
-        from kombu.exceptions import OperationalError as KombuOperationalError
-
-        options = dict(self.app.conf.broker_transport_options or {})
-        properties = dict(options.get("client_properties") or {})
-        properties["connection_name"] = f"mcard-tasks bulk {socket.gethostname()}:{os.getpid()}"
-        # Confirms are collected here asynchronously; kombu's confirm_publish would wait for
-        # each message in turn.
-        options.update(confirm_publish=False, client_properties=properties)
-        self.connection = self.app.connection_for_write(transport_options=options)
-        try:
-            self.connection.ensure_connection(
-                max_retries=max(1, len(self.connection.alt)),
-                interval_start=0.2,
-                interval_step=0.5,
-                interval_max=1.0,
-                timeout=self.timeout,
-            )
-        except KombuOperationalError as exc:
-            self.connection.collect()
-            raise ConnectionError(f"cannot reach the broker: {exc}") from exc
-        raw = self.connection.connection
-        # Every socket operation (a write blocked by a broker alarm included) is bounded.
-        raw.transport.sock.settimeout(self.timeout)
-        raw.on_blocked = self._on_blocked
-        raw.on_unblocked = self._on_unblocked
-        self.channel = raw.channel()
-        self.channel.confirm_select()
-        self.channel.events["basic_ack"].add(self._on_ack)
-        self.channel.events["basic_nack"].add(self._on_nack)
         conf = self.app.conf
-        build_topology(conf.mcard_queue_type, conf.mcard_delivery_limit).declare(self.channel)
+        self.window.open(build_topology(conf.mcard_queue_type, conf.mcard_delivery_limit).declare)
 
-    def _on_blocked(self, reason: str) -> None:
-        self.blocked = reason
-
-    def _on_unblocked(self) -> None:
-        self.blocked = None
-
-    def _settle(self, tag: int, multiple: bool, nacked: bool) -> None:
-        if multiple:
-            settled = [self.pending.pop(t) for t in range(self.low, tag + 1) if t in self.pending]
-            self.low = max(self.low, tag + 1)
-        else:
-            one = self.pending.pop(tag, None)
-            settled = [] if one is None else [one]
+    def _settled(self, request_ids: list[str], nacked: bool) -> None:
         if nacked:
-            self.report.nacked += len(settled)
+            self.report.nacked += len(request_ids)
             room = MAX_ERRORS - len(self.report.nacked_request_ids)
-            self.report.nacked_request_ids += settled[: max(0, room)]
+            self.report.nacked_request_ids += request_ids[: max(0, room)]
         else:
-            self.report.confirmed += len(settled)
-
-    def _on_ack(self, tag: int, multiple: bool) -> None:
-        self._settle(tag, multiple, nacked=False)
-
-    def _on_nack(self, tag: int, multiple: bool) -> None:
-        self._settle(tag, multiple, nacked=True)
+            self.report.confirmed += len(request_ids)
 
     def publish(self, request: Request) -> None:
-        if len(self.pending) >= self.window:
-            self.wait(self.window - 1)
         headers, properties, body = task_message(self.app, request, self.reprs)
-        message = self.channel.prepare_message(
+        self.window.publish(
+            request.request_id,
             body,
-            properties.pop("priority"),
-            properties.pop("content_type"),
-            properties.pop("content_encoding"),
-            headers,
-            properties,
+            exchange=EXCHANGE.name,
+            routing_key=request.task,
+            headers=headers,
+            **properties,
         )
-        self.channel.basic_publish(message, exchange=EXCHANGE.name, routing_key=request.task)
-        self.pending[self.next_tag] = request.request_id
-        self.next_tag += 1
         self.report.published += 1
 
-    def wait(self, in_flight: int = 0) -> None:
-        """Collect confirms until at most in_flight are pending; timeout s without progress
-        is a broker failure."""
-        deadline = time.monotonic() + self.timeout
-        while len(self.pending) > in_flight:
-            before = len(self.pending)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                why = f" (the broker blocked publishers: {self.blocked})" if self.blocked else ""
-                raise TimeoutError(
-                    f"the broker confirmed nothing for {self.timeout:g} s with"
-                    f" {len(self.pending)} requests in flight{why}"
-                )
-            try:
-                self.connection.connection.drain_events(timeout=remaining)
-            except TimeoutError:
-                continue
-            if len(self.pending) < before:
-                deadline = time.monotonic() + self.timeout
+    def wait(self) -> None:
+        self.window.wait()
 
     def abort(self) -> None:
-        """Drop the connection without a handshake (it may be mid-frame or dead)."""
-        if self.connection is not None:
-            self.connection.collect()
-            self.connection = None
+        self.window.abort()
 
     def close(self) -> None:
-        if self.connection is None:
-            return
-        try:
-            self.connection.release()  # the socket timeout bounds the close handshake
-        except Exception:
-            self.connection.collect()
+        self.window.close()
 
 
 def _broker_errors() -> tuple[type[BaseException], ...]:

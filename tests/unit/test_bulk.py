@@ -27,6 +27,7 @@ from mcard_tasks.bulk import (
     task_message,
 )
 from mcard_tasks.cli import main
+from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.errors import InvalidRequestError
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.payloads import validate_payload
@@ -234,7 +235,7 @@ def test_an_iterator_is_refused_because_the_source_is_read_twice() -> None:
         enqueue_many(iter(["{}"]))
 
 
-# --- the confirm window, on a fake channel ----------------------------------------------
+# --- the confirm window (mcard_tasks.confirms), on a fake channel -------------------------
 
 
 class FakeBroker:
@@ -281,11 +282,11 @@ class FakeBroker:
 def fake(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     made: dict[str, Any] = {"options": {}}
 
-    def open_fake(publisher: Any) -> None:
-        broker = FakeBroker(publisher, **made["options"])
-        publisher.connection = publisher.channel = made["broker"] = broker
+    def open_fake(window: Any, declare: Any = None) -> None:
+        broker = FakeBroker(window, **made["options"])
+        window.connection = window.channel = made["broker"] = broker
 
-    monkeypatch.setattr(bulk_module._Publisher, "open", open_fake)
+    monkeypatch.setattr(ConfirmWindow, "open", open_fake)
     return made
 
 

@@ -29,6 +29,7 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer
 from sqlalchemy import select, update
 
+from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.ledger import Ledger, get_ledger
 from mcard_tasks.models import OutboxEvent
 from mcard_tasks.topology import EVENTS_EXCHANGE
@@ -51,13 +52,14 @@ class OutboxRelay:
         self._busy = threading.Lock()
         _RELAYS.add(self)
         self._thread: threading.Thread | None = None
+        self._window: ConfirmWindow | None = None  # the relay thread's own broker connection
 
     @property
     def ledger(self) -> Ledger:
         return get_ledger(self.ledger_url)  # opened on use: the ledger may be down at start
 
     def publish_pending(self) -> int:
-        """Publish one batch of pending events; return how many."""
+        """Publish one batch of pending events; return how many the broker confirmed."""
         sqlite = self.ledger.engine.dialect.name == "sqlite"
         # On PostgreSQL the rows stay locked (SKIP LOCKED: relays of other workers take other
         # rows) until they are marked; SQLite has one writer, so it reads, then marks.
@@ -71,31 +73,52 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return 0
-            self._publish([tuple(row) for row in rows])
-            if not sqlite:
-                self._mark(session, [row[0] for row in rows])
-        if sqlite:
+            confirmed = self._publish([tuple(row) for row in rows])
+            if not sqlite and confirmed:
+                self._mark(session, confirmed)
+        if sqlite and confirmed:
             with self.ledger.session() as session:
-                self._mark(session, [row[0] for row in rows])
-        return len(rows)
+                self._mark(session, confirmed)
+        return len(confirmed)
 
-    def _publish(self, rows: list[tuple[Any, ...]]) -> None:
-        with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
+    def _publish(self, rows: list[tuple[Any, ...]]) -> list[str]:
+        """Publish the batch with confirms pipelined; the request IDs the broker confirmed.
+
+        A refused (nacked) event stays pending and is published again on the next pass.
+        """
+        confirmed: list[str] = []
+        refused: list[str] = []
+
+        def settled(request_ids: list[str], nacked: bool) -> None:
+            (refused if nacked else confirmed).extend(request_ids)
+
+        window = self._window
+        if window is None or not window.is_open:
+            timeout = float(self.app.conf.get("mcard_publish_timeout", 5.0))
+            window = self._window = ConfirmWindow(
+                self.app, settled, timeout, BATCH, purpose="outbox relay"
+            )
+            window.open(lambda channel: EVENTS_EXCHANGE.bind(channel).declare())
+        window.on_settled = settled
+        try:
             for request_id, routing_key, body in rows:
-                producer.publish(
+                window.publish(
+                    request_id,
                     body,
-                    exchange=EVENTS_EXCHANGE.name,
-                    routing_key=routing_key,
+                    EVENTS_EXCHANGE.name,
+                    routing_key,
                     message_id=request_id,
                     delivery_mode=2,
                     content_type="application/json",
                     content_encoding="utf-8",
-                    serializer=None,
-                    retry=True,
-                    declare=[EVENTS_EXCHANGE],
-                    timeout=self.app.conf.get("mcard_publish_timeout", 5.0),
-                    confirm_timeout=self.app.conf.get("mcard_publish_timeout", 5.0),
                 )
+            window.wait()
+        except BaseException:
+            window.abort()  # the unconfirmed rest stays pending: published again, identically
+            raise
+        if refused:
+            logger.warning("outbox relay: the broker refused %d events; retrying", len(refused))
+        return confirmed
 
     @staticmethod
     def _mark(session: Any, request_ids: list[str]) -> None:
@@ -116,6 +139,8 @@ class OutboxRelay:
                 logger.warning("outbox relay: %s; retrying in 1 s", exc)
                 self._stop.wait(1.0)
             self._stop.wait(self.interval)
+        if self._window is not None:
+            self._window.close()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="mcard-outbox-relay", daemon=True)
@@ -126,12 +151,17 @@ class OutboxRelay:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still in its batch: the rest waits in the outbox for the next relay
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline and self.publish_pending():
                 pass
         except Exception as exc:  # the rows stay in the outbox for any other relay
             logger.warning("outbox relay: final pass failed: %s", exc)
+        finally:
+            if self._window is not None:
+                self._window.close()
 
 
 _RELAYS: weakref.WeakSet[OutboxRelay] = weakref.WeakSet()

@@ -30,11 +30,13 @@ class Settings(BaseSettings):
     pool: Literal["threads", "prefork", "solo"] = "threads"
     worker_name: str = "mcard@%h"
     log_level: str = "INFO"
+    log_tasks: bool = False
     flower_user: str | None = None
     flower_password: str | None = None
     queue_type: Literal["quorum", "classic"] = "quorum"
     delivery_limit: int = Field(default=5, ge=1)
     publish_timeout: float = Field(default=5.0, gt=0)
+    prefetch_multiplier: int = Field(default=1, ge=1, le=64)
     broker_pool_limit: int = Field(default=16, ge=1)
     check_conflicts: bool = True
     max_retries: int = Field(default=5, ge=0, le=50)

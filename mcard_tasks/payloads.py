@@ -36,6 +36,10 @@ def canonical_json(value: Any) -> str:
 def _ident_problem(value: str) -> str | None:
     if not 1 <= len(value) <= IDENT_MAX:
         return f"{IDENT_RULE} (got {len(value)} characters)"
+    # Fast path, in C: printable means no Unicode "Other" (control, format, ...) and no
+    # separator but the ASCII space, which is whitespace too.
+    if value.isprintable() and " " not in value:
+        return None
     if any(ch.isspace() or unicodedata.category(ch).startswith("C") for ch in value):
         return f"{IDENT_RULE} (found whitespace or a control character)"
     return None

@@ -136,6 +136,17 @@ class RequestTask(Task):  # type: ignore[misc]
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
         return self.run(**payload.model_dump())
 
+    def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """A transient failure is worth a warning, whether or not per-task lines are logged."""
+        logger.warning(
+            "%s[%s] failed transiently (retry %d of %d): %s",
+            self.name,
+            task_id,
+            self.request.retries + 1,
+            self.max_retries,
+            exc,
+        )
+
     def record(self, payload: Payload) -> dict[str, Any]:
         """Apply the request to the ledger; return its outcome object (the first recorded)."""
         ledger = get_ledger(self.app.conf.mcard_database_url)

@@ -199,6 +199,8 @@ def worker_factory(
 
     def build(database_url: str, label: str, *extra: str, **settings: str) -> Worker:
         env = dict(os.environ, MCARD_DATABASE_URL=database_url)
+        # A line per task run: the cluster tests count runs, and failures read better.
+        settings.setdefault("log_tasks", "true")
         name = f"{label}-{len(started)}-{SESSION}@localhost"
         env.update({f"MCARD_{k.upper()}": str(v) for k, v in settings.items()})
         env["MCARD_WORKER_NAME"] = name

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    delete,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -75,6 +85,9 @@ class _Statements:
     burn: Any  # UPDATE the card if active and held by the owner
     card_state: Any
     known: Any  # the recorded operation of a request ID
+    # PostgreSQL: the claim and its event in one statement (one round trip fewer); None on
+    # SQLite, which has no INSERT in a WITH clause.
+    claim_with_event: Any
 
     @classmethod
     def build(cls, dialect: str) -> _Statements:
@@ -98,7 +111,23 @@ class _Statements:
             known=select(OPERATIONS.c.fingerprint, OPERATIONS.c.status, OPERATIONS.c.outcome).where(
                 OPERATIONS.c.request_id == bindparam("request_id")
             ),
+            claim_with_event=_CLAIM_WITH_EVENT if dialect == "postgresql" else None,
         )
+
+
+_CLAIM_WITH_EVENT = text(
+    """
+    WITH claim AS (
+        INSERT INTO operations (request_id, task, fingerprint, status, outcome, recorded_at)
+        VALUES (:request_id, :task, :fingerprint, :status, :outcome, :recorded_at)
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING request_id
+    )
+    INSERT INTO outbox (request_id, routing_key, body, created_at)
+    SELECT request_id, :routing_key, :outcome, :recorded_at FROM claim
+    RETURNING request_id
+    """
+)
 
 
 _STATEMENTS: dict[str, _Statements] = {}
@@ -308,18 +337,21 @@ class Ledger:
                 outcome = (
                     "" if pending else _outcome_object(task, request_id, payload, verdict, now)
                 )
-                claimed = connection.execute(
-                    _statements(connection).claim,
-                    {
-                        "request_id": request_id,
-                        "task": task,
-                        "fingerprint": digest,
-                        "status": "pending" if pending else verdict.outcome,
-                        "outcome": outcome,
-                        "recorded_at": now,
-                    },
-                ).first()
-                if claimed is None:
+                claim = {
+                    "request_id": request_id,
+                    "task": task,
+                    "fingerprint": digest,
+                    "status": "pending" if pending else verdict.outcome,
+                    "outcome": outcome,
+                    "recorded_at": now,
+                }
+                statements = _statements(connection)
+                if statements.claim_with_event is not None and not pending:
+                    claim["routing_key"] = f"{task}.{verdict.outcome}"
+                    if connection.execute(statements.claim_with_event, claim).first() is None:
+                        raise _AlreadyClaimed
+                    return outcome
+                if connection.execute(statements.claim, claim).first() is None:
                     raise _AlreadyClaimed
                 if pending:
                     return None  # effect reserved; the issuer is called outside the transaction

@@ -108,6 +108,42 @@ def tree_pids(pid: int) -> list[int]:
     return found
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of pids (from /proc; a process gone meanwhile counts 0)."""
+    total = 0
+    for one in pids:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
+def pids_named(name: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def cpu_by_role(worker_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the worker (with its children), PostgreSQL and RabbitMQ."""
+    return {
+        "worker": cpu_seconds(tree_pids(worker_pid)),
+        "postgres": cpu_seconds(pids_named("postgres")),
+        "rabbitmq": cpu_seconds(pids_named("beam.smp")),
+    }
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS summed over pid and its descendants."""
     total = 0
@@ -204,6 +240,8 @@ class Drain:
     done_before_ready: int
     seconds: float
     rss_kib: int = 0
+    #: CPU milliseconds per task spent by the worker, PostgreSQL and RabbitMQ meanwhile.
+    cpu_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -462,7 +500,8 @@ class Bench:
         with self.running(self.mcard_worker(label, pool, concurrency, **settings)) as worker:
             ready = worker.wait_ready()
             done0 = self.done_count() - base
-            spy = start_profiler(worker.pid, profile) if profile else None
+            cpu0 = cpu_by_role(worker.pid)
+            spy = start_profiler(worker.pid, profile, self.args.profile_gil) if profile else None
             try:
 
                 def drained() -> bool:
@@ -471,11 +510,12 @@ class Bench:
 
                 wait_until(drained, self.drain_timeout(count), f"{label}: {count} outcomes")
                 finished = time.perf_counter()
+                cpu = cpu_per_task(cpu0, cpu_by_role(worker.pid), count - done0)
             finally:
                 if spy is not None:
                     stop_profiler(spy)
             rss = rss_kib(worker.pid)
-        return Drain(label, count, done0, finished - ready, rss)
+        return Drain(label, count, done0, finished - ready, rss, cpu)
 
     def drain_bare(self, count: int, concurrency: int) -> Drain:
         tag = f"bare{uuid.uuid4().hex[:8]}"
@@ -485,6 +525,7 @@ class Bench:
             # Not yet done at the ping: still queued, or held by the worker (<= concurrency).
             waiting = self.ready(BARE_QUEUE)
             done0 = max(0, count - waiting - concurrency)
+            cpu0 = cpu_by_role(worker.pid)
             inspect = self.bare.app.control.inspect(destination=[worker.name], timeout=2.0)
 
             def queue_empty() -> bool:
@@ -510,8 +551,9 @@ class Bench:
             wait_until(queue_empty, timeout, "the baseline queue to empty")
             wait_until(nothing_held, 30, "the baseline worker to finish", every=0.005)
             finished = time.perf_counter()
+            cpu = cpu_per_task(cpu0, cpu_by_role(worker.pid), count - done0)
             rss = rss_kib(worker.pid)
-        return Drain("bare", count, done0, finished - ready, rss)
+        return Drain("bare", count, done0, finished - ready, rss, cpu)
 
     # -- 3. latency
 
@@ -690,13 +732,18 @@ def py_spy() -> str | None:
     )
 
 
-def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
+def cpu_per_task(before: dict[str, float], after: dict[str, float], tasks: int) -> dict[str, float]:
+    return {role: 1000 * (after[role] - before[role]) / max(1, tasks) for role in before}
+
+
+def start_profiler(pid: int, output: Path, gil: bool = False) -> subprocess.Popen[bytes]:
     binary = py_spy()
     if binary is None:
         raise BenchError("py-spy is not installed (.venv/bin/pip install py-spy)")
     process = subprocess.Popen(
         [binary, "record", "--pid", str(pid), "--subprocesses", "--format", "raw",
-         "--rate", "100", "--nonblocking", "--output", str(output)],
+         "--rate", "100", "--nonblocking", "--output", str(output),
+         *(["--gil"] if gil else [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -876,6 +923,18 @@ def drain_rates(bench: Bench, args: argparse.Namespace) -> list[str]:
     for kind in ("prefork", "threads"):
         ratio = median[kind] / median["bare"]
         table.append(f"   ratio mcard {kind} / bare   {ratio:6.2f}   (target >= 1.0)")
+    roles = ("worker", "postgres", "rabbitmq")
+    table.append(
+        f"   CPU ms per task, medians (2 cores: at most {2000 / median['bare']:.2f} ms in all"
+        " to match bare)"
+    )
+    table.append(f"   {'':<30}" + "".join(f"{role:>10}" for role in (*roles, "all")))
+    for kind in ("prefork", "threads", "bare"):
+        cpu = [statistics.median(d.cpu_ms.get(role, 0.0) for d in runs[kind]) for role in roles]
+        table.append(
+            f"   {labels[kind].split(',')[0] + ' ' + kind:<30}"
+            + "".join(f"{value:>10.2f}" for value in (*cpu, sum(cpu)))
+        )
 
     return table
 
@@ -998,6 +1057,9 @@ def main() -> None:
     parser.add_argument("--profile-pool", choices=["prefork", "threads"], default="prefork")
     parser.add_argument("--profile-requests", type=int, default=2000)
     parser.add_argument("--profile-output", default="/tmp/mcard-worker-profile.txt")
+    parser.add_argument(
+        "--profile-gil", action="store_true", help="sample only the thread holding the GIL"
+    )
     args = parser.parse_args()
 
     suffix = uuid.uuid4().hex[:8]

@@ -58,8 +58,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A final failure is rejected, so it reaches the dead-letter queue instead of being
         # acked away.
         "task_acks_on_failure_or_timeout": False,
-        # With late acks, every prefetched message is one more held hostage by a slow task.
-        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        # With late acks, every prefetched message is one more held hostage by a slow task:
+        # one per slot, and one spare per thread for the threads pool (see Settings).
+        "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
         # The messages of running tasks come back after a connection loss; cancel the
         # running copy rather than run both (the ledger would absorb a double run anyway).
         "worker_cancel_long_running_tasks_on_connection_loss": True,

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     queue_type: Literal["quorum", "classic"] = "quorum"
     delivery_limit: int = Field(default=5, ge=1)
     publish_timeout: float = Field(default=5.0, gt=0)
-    prefetch_multiplier: int = Field(default=1, ge=1, le=64)
+    prefetch_multiplier: int | None = Field(default=None, ge=1, le=64)
     broker_pool_limit: int = Field(default=16, ge=1)
     check_conflicts: bool = True
     max_retries: int = Field(default=5, ge=0, le=50)
@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: str) -> str:
         return value.upper()
+
+    @property
+    def worker_prefetch_multiplier(self) -> int:
+        """Messages each pool slot reserves: 2 for threads (a spare per thread, so no thread
+        waits for the next delivery after its ack), 1 otherwise; MCARD_PREFETCH_MULTIPLIER
+        overrides."""
+        if self.prefetch_multiplier is not None:
+            return self.prefetch_multiplier
+        return 2 if self.pool == "threads" else 1
 
     @property
     def broker_urls(self) -> list[str]:

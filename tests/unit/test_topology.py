@@ -56,6 +56,8 @@ def test_reliability_settings_are_on() -> None:
     conf = celery_config(Settings())
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
     assert conf["task_acks_on_failure_or_timeout"] is False
-    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["worker_prefetch_multiplier"] == 2  # the default threads pool: a spare each
+    assert celery_config(Settings(pool="prefork"))["worker_prefetch_multiplier"] == 1
+    assert celery_config(Settings(prefetch_multiplier=1))["worker_prefetch_multiplier"] == 1
     assert conf["broker_transport_options"]["confirm_publish"] is True
     assert conf["accept_content"] == ["json"] and conf["task_create_missing_queues"] is False

@@ -88,6 +88,10 @@ class _Statements:
     # PostgreSQL: the claim and its event in one statement (one round trip fewer); None on
     # SQLite, which has no INSERT in a WITH clause.
     claim_with_event: Any
+    complete: Any  # the pending operation's final outcome, if it is still pending
+    finalize_cards: Any  # the reserved cards' final status
+    # PostgreSQL: all of a completion in one statement; None on SQLite.
+    complete_with_event: Any
 
     @classmethod
     def build(cls, dialect: str) -> _Statements:
@@ -112,6 +116,16 @@ class _Statements:
                 OPERATIONS.c.request_id == bindparam("request_id")
             ),
             claim_with_event=_CLAIM_WITH_EVENT if dialect == "postgresql" else None,
+            complete=update(OPERATIONS)
+            .where(
+                OPERATIONS.c.request_id == bindparam("the_request"),
+                OPERATIONS.c.status == "pending",
+            )
+            .returning(OPERATIONS.c.request_id),
+            finalize_cards=update(CARDS).where(
+                CARDS.c.card_id.in_(bindparam("card_ids", expanding=True))
+            ),
+            complete_with_event=_COMPLETE_WITH_EVENT if dialect == "postgresql" else None,
         )
 
 
@@ -125,6 +139,22 @@ _CLAIM_WITH_EVENT = text(
     )
     INSERT INTO outbox (request_id, routing_key, body, created_at)
     SELECT request_id, :routing_key, :outcome, :recorded_at FROM claim
+    RETURNING request_id
+    """
+)
+
+_COMPLETE_WITH_EVENT = text(
+    """
+    WITH done AS (
+        UPDATE operations SET status = :status, outcome = :outcome, recorded_at = :recorded_at
+        WHERE request_id = :request_id AND status = 'pending'
+        RETURNING request_id
+    ), finalized AS (
+        UPDATE cards SET status = :final_status
+        WHERE card_id = ANY(:card_ids) AND EXISTS (SELECT 1 FROM done)
+    )
+    INSERT INTO outbox (request_id, routing_key, body, created_at)
+    SELECT request_id, :routing_key, :outcome, :recorded_at FROM done
     RETURNING request_id
     """
 )
@@ -305,7 +335,7 @@ class Ledger:
         if outcome is not None:
             return outcome
         _call_issuer(issuer, task, request_id, payload)
-        return self._retry_claims(lambda: self._complete(request_id, payload))
+        return self._retry_claims(lambda: self._complete(task, request_id, payload))
 
     @staticmethod
     def _retry_claims(step: Callable[[], T]) -> T:
@@ -367,32 +397,47 @@ class Ledger:
             raise ConflictError(request_id)
         return None if known.status == "pending" else str(known.outcome)
 
-    def _complete(self, request_id: str, payload: Payload) -> str:
-        """After the issuer succeeded: make the reserved effect final and record the outcome."""
+    def _complete(self, task: str, request_id: str, payload: Payload) -> str:
+        """After the issuer succeeded: make the reserved effect final and record the outcome,
+        unless another delivery of the request completed it meanwhile."""
+        verdict, now = Verdict(), _now()
+        outcome = _outcome_object(task, request_id, payload, verdict, now)
+        card_ids, final_status = _card_ids(payload), RULES[task][2]
         with self._transaction() as connection:
-            operation = connection.execute(
-                select(OPERATIONS.c.task, OPERATIONS.c.status, OPERATIONS.c.outcome)
-                .where(OPERATIONS.c.request_id == request_id)
-                .with_for_update()
-            ).first()
-            assert operation is not None, f"pending operation {request_id} vanished"
-            if operation.status != "pending":
-                return str(operation.outcome)  # another delivery completed it meanwhile
-            task = operation.task
-            connection.execute(
-                update(CARDS)
-                .where(CARDS.c.card_id.in_(_card_ids(payload)))
-                .values(status=RULES[task][2])
-            )
-            verdict, now = Verdict(), _now()
-            outcome = _outcome_object(task, request_id, payload, verdict, now)
-            connection.execute(
-                update(OPERATIONS)
-                .where(OPERATIONS.c.request_id == request_id)
-                .values(status=verdict.outcome, outcome=outcome, recorded_at=now)
-            )
-            _add_event(connection, task, request_id, verdict, outcome, now)
-            return outcome
+            statements = _statements(connection)
+            if statements.complete_with_event is not None:
+                done = connection.execute(
+                    statements.complete_with_event,
+                    {
+                        "request_id": request_id,
+                        "status": verdict.outcome,
+                        "outcome": outcome,
+                        "recorded_at": now,
+                        "final_status": final_status,
+                        "card_ids": card_ids,
+                        "routing_key": f"{task}.{verdict.outcome}",
+                    },
+                ).first()
+            else:
+                done = connection.execute(
+                    statements.complete,
+                    {
+                        "the_request": request_id,
+                        "status": verdict.outcome,
+                        "outcome": outcome,
+                        "recorded_at": now,
+                    },
+                ).first()
+                if done is not None:
+                    connection.execute(
+                        statements.finalize_cards, {"card_ids": card_ids, "status": final_status}
+                    )
+                    _add_event(connection, task, request_id, verdict, outcome, now)
+            if done is not None:
+                return outcome
+            known = connection.execute(statements.known, {"request_id": request_id}).first()
+        assert known is not None, f"pending operation {request_id} vanished"
+        return str(known.outcome)  # another delivery completed it meanwhile
 
     def check(self, task: str, request_id: str, payload: Payload) -> str | None:
         """The stored outcome if this very request is recorded, None if the ID is new.

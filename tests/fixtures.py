@@ -11,11 +11,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.conftest import SESSION, VHOST
+
+if TYPE_CHECKING:
+    from mcard_tasks.ledger import Ledger
 
 PG_ADMIN_URL = os.environ.get(
     "MCARD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -117,6 +120,37 @@ def postgresql_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.sqlite3'}"
+
+
+@pytest.fixture(scope="session")
+def rules_postgresql_url() -> Iterator[str]:
+    """A PostgreSQL database of its own for the ledger rule tests, emptied before each."""
+    name = f"mcard_rules_{SESSION}"
+    _pg_admin(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    from mcard_tasks.database import _ENGINES
+
+    for (_, url), engine in list(_ENGINES.items()):
+        if url.endswith(f"/{name}"):
+            engine.dispose()
+    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
+    """An empty ledger, once on an SQLite file and once on PostgreSQL (the hot path has a
+    statement of its own for each)."""
+    from sqlalchemy import text
+
+    from mcard_tasks.ledger import get_ledger
+
+    if request.param == "sqlite":
+        return get_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = get_ledger(request.getfixturevalue("rules_postgresql_url"))
+    with ledger.engine.begin() as connection:
+        connection.execute(text("TRUNCATE cards, operations, outbox, task_states"))
+    return ledger
 
 
 @dataclass

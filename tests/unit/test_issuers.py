@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from mcard_tasks.issuers import (
     SimulatedIssuer,
     build_issuer,
 )
-from mcard_tasks.ledger import Ledger, get_ledger
+from mcard_tasks.ledger import Ledger
 from mcard_tasks.models import OutboxEvent
 from mcard_tasks.payloads import validate_payload
 
@@ -45,8 +44,9 @@ class FlakyIssuer:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    return get_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+def ledger(fresh_ledger: Ledger) -> Ledger:
+    """Each rule test runs on SQLite and on PostgreSQL."""
+    return fresh_ledger
 
 
 def events(ledger: Ledger) -> int:

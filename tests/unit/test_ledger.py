@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
 from mcard_tasks.errors import ConflictError
-from mcard_tasks.ledger import Ledger, get_ledger
+from mcard_tasks.ledger import Ledger
 from mcard_tasks.payloads import validate_payload
 
 MINT, SINGLE_MINT, BURN = "mcard.mint", "mcard.single_mint", "mcard.single_burn"
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    return get_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+def ledger(fresh_ledger: Ledger) -> Ledger:
+    """Each rule test runs on SQLite and on PostgreSQL."""
+    return fresh_ledger
 
 
 def apply(ledger: Ledger, task: str, request_id: str, **fields: object) -> dict[str, object]:

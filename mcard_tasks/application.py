@@ -83,7 +83,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_step": 0.5,
             "interval_max": 1.0,
         },
-        # Flower needs task events from workers and "sent" events from producers.
+        # Flower needs task events from workers and "sent" events from producers (our tasks
+        # publish the latter unconfirmed, on the task's own connection: sent_events.py).
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_concurrency": settings.concurrency,

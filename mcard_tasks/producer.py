@@ -32,6 +32,7 @@ from mcard_tasks.errors import (
 from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.payloads import Payload, check_request_id, validate_payload
+from mcard_tasks.sent_events import sent_events
 
 __all__ = ["RequestTask", "resolve_request_id"]
 
@@ -90,6 +91,9 @@ class RequestTask(Task):  # type: ignore[misc]
         attempts = 1 + int(self.app.conf.task_publish_retry_policy.get("max_retries", 0))
         options.setdefault("timeout", limit / attempts)
         options.setdefault("confirm_timeout", limit / attempts)
+        # Flower's task-sent event (task_send_sent_event) goes out unconfirmed, on the task's
+        # connection: one confirmed round trip per call, the task's (see sent_events.py).
+        options.setdefault("event_dispatcher", sent_events(self.app))
         publish = partial(
             super().apply_async,
             args=(),

@@ -63,6 +63,28 @@ def broker_connections(vhost: str = VHOST) -> list[dict[str, Any]]:
     return found
 
 
+def broker_channels(vhost: str = VHOST) -> dict[str, list[bool]]:
+    """Whether each channel on vhost is in confirm mode, by its connection's client-given name."""
+    names = {}
+    for row in json.loads(
+        rabbitmqctl("list_connections", "--formatter", "json", "name", "vhost", "client_properties")
+        or "[]"
+    ):
+        props = row.get("client_properties") or []
+        names[row["name"]] = next(
+            (p[2] for p in props if isinstance(p, list) and p[0] == "connection_name"), ""
+        )
+    found: dict[str, list[bool]] = {}
+    for row in json.loads(
+        rabbitmqctl("list_channels", "--formatter", "json", "name", "vhost", "confirm") or "[]"
+    ):
+        if row.get("vhost") != vhost:
+            continue
+        connection = names.get(str(row["name"]).rsplit(" (", 1)[0], "")
+        found.setdefault(connection, []).append(bool(row["confirm"]))
+    return found
+
+
 def recorded(ledger: Any, request_ids: list[str]) -> int:
     """How many of request_ids have an outcome in the ledger (one query)."""
     from sqlalchemy import func, select

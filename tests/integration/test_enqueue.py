@@ -1,4 +1,5 @@
-"""Enqueue never hangs and shares a bounded pool of connections, across threads and forks."""
+"""Enqueue never hangs and shares a bounded pool of connections, across threads and forks;
+Flower's task-sent events ride along on those connections, unconfirmed."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from kombu import pools
+from celery.events import get_exchange
+from kombu import Queue, pools
 
 from mcard_tasks import app
 from mcard_tasks.errors import BrokerUnavailableError
 from mcard_tasks.tasks import single_mint
-from tests.fixtures import broker_connections, rabbitmqctl, wait_for
+from tests.fixtures import broker_channels, broker_connections, rabbitmqctl, wait_for
 
 pytestmark = pytest.mark.integration
 LIMIT = 2.0
@@ -68,6 +71,60 @@ def test_many_threads_publish_through_a_bounded_pool(
     assert not errors, errors[:3]
     held = wait_for(mine, 20, "this process's connections")
     assert 1 <= len(held) <= 3, held
+
+
+@pytest.fixture
+def task_sent_events(vhost: str) -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """A queue bound to Celery's event exchange for task-sent events (what Flower consumes)."""
+    with app.connection_for_write() as connection:
+        queue = Queue(
+            f"test-sent-{uuid.uuid4().hex[:8]}",
+            get_exchange(connection, name=app.conf.event_exchange),
+            routing_key="task.sent",
+            auto_delete=False,
+        )
+        queue(connection.default_channel).declare()
+    events: list[dict[str, Any]] = []
+
+    def collect() -> list[dict[str, Any]]:
+        with app.connection_for_read() as connection:
+            bound = queue(connection.default_channel)
+            while (message := bound.get(no_ack=True)) is not None:
+                events.append(message.payload)
+        return events
+
+    yield collect
+    with app.connection_for_write() as connection:
+        queue(connection.default_channel).delete()
+
+
+def test_each_task_sent_event_goes_unconfirmed_on_the_tasks_own_connection(
+    vhost: str,
+    fresh_pools: None,
+    task_sent_events: Callable[[], list[dict[str, Any]]],
+) -> None:
+    cards = {f"sent-{uuid.uuid4().hex}": f"card-{uuid.uuid4().hex}" for _ in range(5)}
+    for request_id, card in cards.items():
+        single_mint.delay(card_id=card, owner="alice", request_id=request_id)
+
+    wait_for(lambda: len(task_sent_events()) >= len(cards), 20, "a task-sent event per task")
+    events = task_sent_events()
+    assert sorted(event["uuid"] for event in events) == sorted(cards), "one each"
+    for event in events:
+        assert event["type"] == "task-sent" and event["name"] == "mcard.single_mint"
+        assert (event["exchange"], event["routing_key"]) == ("mcard", "mcard.single_mint")
+        assert cards[event["uuid"]] in event["kwargs"]
+
+    def modes() -> list[list[bool]] | None:
+        mine = [
+            sorted(confirms)
+            for name, confirms in broker_channels().items()
+            if name.endswith(f":{os.getpid()}")
+        ]
+        return mine if mine == [[False, True]] else None
+
+    # One connection: the tasks on a channel in confirm mode, the events on one without.
+    wait_for(modes, 20, "one connection with a confirming and a non-confirming channel")
 
 
 def test_a_forked_child_does_not_share_its_parents_connection(vhost: str) -> None:

@@ -111,6 +111,7 @@ def test_flower_lists_tasks_by_request_id_behind_basic_auth_and_read_only(
 
     task = wait_for(info, 30, "Flower to show the task as SUCCESS", every=0.3)
     assert task["name"] == "mcard.single_mint" and task["uuid"] == request_id
+    assert task["sent"], "the producer's task-sent event reached Flower"
     assert card in task["kwargs"] and "succeeded" in task["result"]
     status, listed = flower.request("/api/tasks?taskname=mcard.single_mint")
     assert status == 200 and request_id in listed

@@ -138,7 +138,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.conf.update(celery_config(settings))
     app.steps["consumer"].add(DeclareTopology)
     app.steps["worker"].add(RelayOutbox)
-    signals.after_setup_logger.connect(lambda **_: quiet_task_lines(settings), weak=False)
+    signals.after_setup_logger.connect(
+        lambda **_: quiet_task_lines(settings), weak=False, dispatch_uid="mcard-task-lines"
+    )
     return app
 
 

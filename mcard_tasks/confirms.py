@@ -44,6 +44,7 @@ class ConfirmWindow:
         self.blocked: str | None = None
         self.connection: Any = None
         self.channel: Any = None
+        self.opened_at = self.used_at = 0.0  # time.monotonic() of the last open / publish
 
     @property
     def is_open(self) -> bool:
@@ -72,19 +73,25 @@ class ConfirmWindow:
             self.connection.collect()
             self.connection = None
             raise ConnectionError(f"cannot reach the broker: {exc}") from exc
-        raw = self.connection.connection
-        # Every socket operation (a write blocked by a broker alarm included) is bounded.
-        raw.transport.sock.settimeout(self.timeout)
-        raw.on_blocked = self._on_blocked
-        raw.on_unblocked = self._on_unblocked
-        self.channel = raw.channel()
-        self.channel.confirm_select()
-        self.channel.events["basic_ack"].add(self._on_ack)
-        self.channel.events["basic_nack"].add(self._on_nack)
+        try:
+            raw = self.connection.connection
+            # Every socket operation (a write blocked by a broker alarm included) is bounded.
+            raw.transport.sock.settimeout(self.timeout)
+            raw.on_blocked = self._on_blocked
+            raw.on_unblocked = self._on_unblocked
+            channel = raw.channel()
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+            if declare is not None:
+                declare(channel)
+        except BaseException:
+            self.abort()  # all or nothing: never a half-open window (or a leaked connection)
+            raise
+        self.channel = channel
         self.pending.clear()
         self.next_tag = self.low = 1
-        if declare is not None:
-            declare(self.channel)
+        self.opened_at = self.used_at = time.monotonic()
 
     def _on_blocked(self, reason: str) -> None:
         self.blocked = reason
@@ -131,6 +138,7 @@ class ConfirmWindow:
         self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
         self.pending[self.next_tag] = key
         self.next_tag += 1
+        self.used_at = time.monotonic()
 
     def wait(self, in_flight: int = 0) -> None:
         """Collect confirms until at most in_flight are pending; timeout s without progress

@@ -38,6 +38,8 @@ __all__ = ["Event", "OutboxRelay", "subscribe"]
 
 logger = logging.getLogger(__name__)
 BATCH = 500
+#: Seconds of idleness after which the relay reconnects before publishing.
+IDLE_REOPEN = 30.0
 
 
 class OutboxRelay:
@@ -73,18 +75,21 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return 0
-            confirmed = self._publish([tuple(row) for row in rows])
+            confirmed, error = self._publish([tuple(row) for row in rows])
             if not sqlite and confirmed:
                 self._mark(session, confirmed)
         if sqlite and confirmed:
             with self.ledger.session() as session:
                 self._mark(session, confirmed)
+        if error is not None:
+            raise error  # after marking what the broker did confirm
         return len(confirmed)
 
-    def _publish(self, rows: list[tuple[Any, ...]]) -> list[str]:
-        """Publish the batch with confirms pipelined; the request IDs the broker confirmed.
+    def _publish(self, rows: list[tuple[Any, ...]]) -> tuple[list[str], Exception | None]:
+        """Publish the batch with confirms pipelined: the request IDs the broker confirmed,
+        and the error that cut the batch short, if any.
 
-        A refused (nacked) event stays pending and is published again on the next pass.
+        A refused (nacked) or unconfirmed event stays pending and is published again later.
         """
         confirmed: list[str] = []
         refused: list[str] = []
@@ -93,6 +98,11 @@ class OutboxRelay:
             (refused if nacked else confirmed).extend(request_ids)
 
         window = self._window
+        if window is not None and time.monotonic() - window.used_at > IDLE_REOPEN:
+            # The relay's connection has no heartbeats and may have been cut silently while
+            # idle (a NAT or load balancer timeout): start afresh rather than find out late,
+            # without a closing handshake that a dead connection would make us wait for.
+            window.abort()
         if window is None or not window.is_open:
             timeout = float(self.app.conf.get("mcard_publish_timeout", 5.0))
             window = self._window = ConfirmWindow(
@@ -113,12 +123,15 @@ class OutboxRelay:
                     content_encoding="utf-8",
                 )
             window.wait()
-        except BaseException:
+        except Exception as exc:
             window.abort()  # the unconfirmed rest stays pending: published again, identically
+            return confirmed, exc
+        except BaseException:
+            window.abort()
             raise
         if refused:
             logger.warning("outbox relay: the broker refused %d events; retrying", len(refused))
-        return confirmed
+        return confirmed, None
 
     @staticmethod
     def _mark(session: Any, request_ids: list[str]) -> None:

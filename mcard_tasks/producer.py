@@ -159,4 +159,4 @@ class RequestTask(Task):  # type: ignore[misc]
         except ConflictError as exc:
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
         result: dict[str, Any] = json.loads(outcome)
-        return result  # Celery logs it with the request ID: "Task ...[<request ID>] succeeded"
+        return result  # with MCARD_LOG_TASKS, Celery logs it: "Task ...[<request ID>] succeeded"

@@ -154,7 +154,7 @@ def rules_postgresql_url() -> Iterator[str]:
     from mcard_tasks.database import _ENGINES
 
     for (_, url), engine in list(_ENGINES.items()):
-        if url.endswith(f"/{name}"):
+        if f"/{name}" in url:
             engine.dispose()
     _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

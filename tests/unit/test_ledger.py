@@ -1,4 +1,4 @@
-"""Ledger rules, replay and conflict on a real SQLite file, without a broker."""
+"""Ledger rules, replay and conflict on a real SQLite file and on PostgreSQL, without a broker."""
 
 from __future__ import annotations
 

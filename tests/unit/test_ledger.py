@@ -89,3 +89,32 @@ def test_concurrent_requests_for_one_card_make_one_effect(ledger: Ledger) -> Non
     for thread in threads:
         thread.join(30)
     assert sorted(outcomes) == ["rejected"] * 11 + ["succeeded"]
+
+
+def test_concurrent_deliveries_of_one_request_make_one_effect_and_one_outcome(
+    ledger: Ledger,
+) -> None:
+    from sqlalchemy import func, select
+
+    from mcard_tasks.models import Card, OutboxEvent
+
+    apply(ledger, SINGLE_MINT, "m", card_id="held", owner="alice")
+    outcomes: dict[str, list[str]] = {"mint": [], "burn": []}
+    mint = validate_payload(SINGLE_MINT, {"card_id": "dup", "owner": "bob"})
+    burn = validate_payload(BURN, {"card_id": "held", "owner": "alice"})
+
+    def deliver() -> None:
+        outcomes["mint"].append(ledger.apply(SINGLE_MINT, "r-dup", mint))
+        outcomes["burn"].append(ledger.apply(BURN, "r-burn", burn))
+
+    threads = [threading.Thread(target=deliver) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for kind in ("mint", "burn"):
+        assert len(outcomes[kind]) == 10 and len(set(outcomes[kind])) == 1, outcomes[kind]
+        assert json.loads(outcomes[kind][0])["outcome"] == "succeeded"
+    with ledger.session(readonly=True) as session:
+        assert session.scalar(select(func.count()).select_from(Card)) == 2
+        assert session.scalar(select(func.count()).select_from(OutboxEvent)) == 3, "one each"

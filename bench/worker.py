@@ -15,7 +15,11 @@ SIGTERM then SIGKILL, whatever happens.
    ledger. Requests finished before the ping answered are left out of the rate. The baseline
    is bare Celery draining N no-op tasks with the same settings (prefork, same concurrency,
    prefetch 1, late acks, task events, JSON, publisher confirms, a durable queue of the same
-   type), until its queue is empty and the worker holds nothing. Rounds alternate.
+   type), until its queue is empty and the worker holds nothing. mcard runs with prefork
+   -c C (the baseline's settings), with its default pool (one process, threads -c 8), and
+   as C worker processes of threads -c 4 (one per core, like the baseline's C children).
+   Rounds alternate. Each variant's CPU time per task is shown for the worker processes,
+   PostgreSQL and RabbitMQ (from /proc), against what 2 cores allow at the baseline's rate.
 2. A simulated remote issuer (MCARD_ISSUER=simulated, 50 ms): rate vs concurrency / latency.
 3. Latency from just before ``delay()`` to the committed outcome at a steady offered load.
 4. Scaling: N and 10N, time ratio and the worker's RSS (worker + children) after each.
@@ -135,10 +139,10 @@ def pids_named(name: str) -> list[int]:
     return found
 
 
-def cpu_by_role(worker_pid: int) -> dict[str, float]:
-    """CPU seconds so far of the worker (with its children), PostgreSQL and RabbitMQ."""
+def cpu_by_role(*worker_pids: int) -> dict[str, float]:
+    """CPU seconds so far of the workers (with their children), PostgreSQL and RabbitMQ."""
     return {
-        "worker": cpu_seconds(tree_pids(worker_pid)),
+        "worker": sum(cpu_seconds(tree_pids(pid)) for pid in worker_pids),
         "postgres": cpu_seconds(pids_named("postgres")),
         "rabbitmq": cpu_seconds(pids_named("beam.smp")),
     }
@@ -492,29 +496,45 @@ class Bench:
         pool: str | None,
         concurrency: int | None,
         profile: Path | None = None,
+        processes: int = 1,
         **settings: str,
     ) -> Drain:
+        """Drain count requests with `processes` worker processes (the time runs from the
+        last one's ping answer)."""
         tag = f"{label}{uuid.uuid4().hex[:8]}"
         self.enqueue_mcard(count, tag)
         base = self.done_count()
+        others = [
+            self.mcard_worker(label, pool, concurrency, **settings) for _ in range(processes - 1)
+        ]
         with self.running(self.mcard_worker(label, pool, concurrency, **settings)) as worker:
-            ready = worker.wait_ready()
-            done0 = self.done_count() - base
-            cpu0 = cpu_by_role(worker.pid)
-            spy = start_profiler(worker.pid, profile, self.args.profile_gil) if profile else None
             try:
+                for other in others:
+                    other.wait_ready()
+                ready = worker.wait_ready()
+                done0 = self.done_count() - base
+                pids = [worker.pid, *(other.pid for other in others)]
+                cpu0 = cpu_by_role(*pids)
+                spy = (
+                    start_profiler(worker.pid, profile, self.args.profile_gil) if profile else None
+                )
+                try:
 
-                def drained() -> bool:
-                    worker.check_alive()
-                    return self.done_count() - base >= count
+                    def drained() -> bool:
+                        for one in (worker, *others):
+                            one.check_alive()
+                        return self.done_count() - base >= count
 
-                wait_until(drained, self.drain_timeout(count), f"{label}: {count} outcomes")
-                finished = time.perf_counter()
-                cpu = cpu_per_task(cpu0, cpu_by_role(worker.pid), count - done0)
+                    wait_until(drained, self.drain_timeout(count), f"{label}: {count} outcomes")
+                    finished = time.perf_counter()
+                    cpu = cpu_per_task(cpu0, cpu_by_role(*pids), count - done0)
+                finally:
+                    if spy is not None:
+                        stop_profiler(spy)
+                rss = sum(rss_kib(pid) for pid in pids)
             finally:
-                if spy is not None:
-                    stop_profiler(spy)
-            rss = rss_kib(worker.pid)
+                for other in others:
+                    other.stop()
         return Drain(label, count, done0, finished - ready, rss, cpu)
 
     def drain_bare(self, count: int, concurrency: int) -> Drain:
@@ -893,15 +913,18 @@ def drain_rates(bench: Bench, args: argparse.Namespace) -> list[str]:
     table: list[str] = []
     say = print
     say(f"1. drain rate: {n} requests per round, {args.rounds} rounds, concurrency {c}", flush=True)
-    runs: dict[str, list[Drain]] = {"prefork": [], "bare": [], "threads": []}
+    runs: dict[str, list[Drain]] = {"prefork": [], "bare": [], "threads": [], "threads2": []}
+    kinds = list(runs)
     for round_ in range(args.rounds):
-        for kind in (
-            ("prefork", "bare", "threads") if round_ % 2 == 0 else ("bare", "prefork", "threads")
-        ):
+        for kind in kinds[round_ % len(kinds) :] + kinds[: round_ % len(kinds)]:
             if kind == "prefork":
                 drain = bench.drain_mcard("prefork", n, "prefork", c)
             elif kind == "threads":
                 drain = bench.drain_mcard("threads", n, None, None)
+            elif kind == "threads2":
+                # One process per core, like the baseline's prefork children: the same total
+                # of 8 threads as the default worker, in 2 worker processes of 4.
+                drain = bench.drain_mcard("threads2", n, None, 4, processes=c)
             else:
                 drain = bench.drain_bare(n, c)
             runs[kind].append(drain)
@@ -916,11 +939,12 @@ def drain_rates(bench: Bench, args: argparse.Namespace) -> list[str]:
     labels = {
         "prefork": f"mcard single_mint, prefork -c {c}",
         "threads": "mcard single_mint, default pool (threads -c 8)",
+        "threads2": f"mcard single_mint, {c} worker processes x threads -c 4",
         "bare": f"bare Celery no-op, prefork -c {c}",
     }
-    for kind in ("prefork", "threads", "bare"):
+    for kind in ("prefork", "threads", "threads2", "bare"):
         table.append(f"   {labels[kind]:<52} {median[kind]:>8,.0f}   {fmt_rates(runs[kind])}")
-    for kind in ("prefork", "threads"):
+    for kind in ("prefork", "threads", "threads2"):
         ratio = median[kind] / median["bare"]
         table.append(f"   ratio mcard {kind} / bare   {ratio:6.2f}   (target >= 1.0)")
     roles = ("worker", "postgres", "rabbitmq")
@@ -929,10 +953,10 @@ def drain_rates(bench: Bench, args: argparse.Namespace) -> list[str]:
         " to match bare)"
     )
     table.append(f"   {'':<30}" + "".join(f"{role:>10}" for role in (*roles, "all")))
-    for kind in ("prefork", "threads", "bare"):
+    for kind in ("prefork", "threads", "threads2", "bare"):
         cpu = [statistics.median(d.cpu_ms.get(role, 0.0) for d in runs[kind]) for role in roles]
         table.append(
-            f"   {labels[kind].split(',')[0] + ' ' + kind:<30}"
+            f"   {labels[kind].split(',')[0].split(' single')[0] + ' ' + kind:<30}"
             + "".join(f"{value:>10.2f}" for value in (*cpu, sum(cpu)))
         )
 

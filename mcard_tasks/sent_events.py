@@ -12,7 +12,11 @@ still decides when to send the event and builds it (the fields Flower reads). It
 event on a second channel of the very pooled connection that carried the task, a channel that
 is never put in confirm mode: no extra broker connection (the pool's bound holds), no round
 trip, no process-wide lock, a bounded write. A failure to send it is logged and dropped: the
-task is confirmed already, and Flower still learns of the task from the worker's events.
+task is confirmed already, and Flower still learns of the task from the worker's events. One
+exception: a broker's refusal of an event (its exchange deleted, a permission taken away)
+arrives later, as the closing of the events channel, and surfaces as the error of the next
+publish on that connection; that call raises BrokerUnavailableError (publishing again with
+the same request ID is safe) and the connection is replaced.
 """
 
 from __future__ import annotations

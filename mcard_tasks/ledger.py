@@ -73,6 +73,7 @@ def _now() -> datetime:
 CARDS = cast(Table, Card.__table__)
 OPERATIONS = cast(Table, Operation.__table__)
 OUTBOX = cast(Table, OutboxEvent.__table__)
+TASK_STATES = cast(Table, TaskState.__table__)
 #: The pre-publish conflict check (Ledger._recorded).
 _CHECK = select(OPERATIONS.c.fingerprint, OPERATIONS.c.outcome).where(
     OPERATIONS.c.request_id == bindparam("request_id")
@@ -585,12 +586,20 @@ class Ledger:
     def save_task_state(
         self, request_id: str, state: str, result: str | None, traceback: str | None
     ) -> None:
-        """Keep a non-final state (failure, retry) for a request that has no outcome yet."""
-        with self._session() as session:
-            row = session.get(TaskState, request_id) or TaskState(request_id=request_id)
-            row.state, row.result, row.traceback = state, result, traceback
-            row.updated_at = _now()
-            session.add(row)
+        """Keep a non-final state (failure, retry) for a request that has no outcome yet.
+
+        An upsert: two deliveries of one request (a retry due at once runs beside the run that
+        scheduled it) may store a state at the same moment, and neither may fail on the key.
+        """
+        values = {"state": state, "result": result, "traceback": traceback, "updated_at": _now()}
+        with self._transaction() as connection:
+            insert_ = (
+                postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+            )
+            statement = insert_(TASK_STATES).values(request_id=request_id, **values)
+            connection.execute(
+                statement.on_conflict_do_update(index_elements=["request_id"], set_=values)
+            )
 
 
 def get_ledger(url: str | None = None) -> Ledger:

@@ -118,3 +118,29 @@ def test_concurrent_deliveries_of_one_request_make_one_effect_and_one_outcome(
     with ledger.session(readonly=True) as session:
         assert session.scalar(select(func.count()).select_from(Card)) == 2
         assert session.scalar(select(func.count()).select_from(OutboxEvent)) == 3, "one each"
+
+
+def test_concurrent_state_saves_of_one_request_never_fail(ledger: Ledger) -> None:
+    # A retry due at once runs beside the run that scheduled it: both store a state.
+    errors: list[BaseException] = []
+    start = threading.Barrier(10)
+
+    def save(index: int) -> None:
+        start.wait(10)
+        try:
+            for key in range(30):  # every thread races every other on each key
+                ledger.save_task_state(f"r-state-{key}", "RETRY", f'"attempt {index}"', None)
+        except BaseException as exc:  # asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors[:2]
+    state = ledger.task_state("r-state-29")
+    assert state is not None and state.state == "RETRY" and state.result is not None
+    ledger.save_task_state("r-state-29", "FAILURE", '"last"', "Traceback ...")
+    state = ledger.task_state("r-state-29")
+    assert state is not None and (state.state, state.result) == ("FAILURE", '"last"')

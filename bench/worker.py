@@ -801,11 +801,11 @@ def stop_profiler(process: subprocess.Popen[bytes]) -> None:
 #: (label, test on one stack's text); inclusive shares of each process role's samples.
 CATEGORIES: list[tuple[str, Callable[[str], bool]]] = [
     ("task body: RequestTask.__call__", lambda s: "__call__ (mcard_tasks/producer.py" in s),
-    ("  Ledger.apply (one transaction)", lambda s: "apply (mcard_tasks/ledger.py" in s),
+    ("  Ledger.apply", lambda s: "apply (mcard_tasks/ledger.py" in s),
+    ("    one-statement fast path", lambda s: "_record_success (mcard_tasks/ledger.py" in s),
+    ("    general path (claim transaction)", lambda s: "_claim (mcard_tasks/ledger.py" in s),
     ("    waiting for PostgreSQL (psycopg wait)", lambda s: "wait (psycopg/" in s),
-    ("    pool pre-ping (SELECT 1 per checkout)", lambda s: "do_ping (sqlalchemy/" in s),
-    ("    Session.get (SELECT by key)", lambda s: "Session.get (sqlalchemy/" in s),
-    ("    Session.flush (INSERT/UPDATE)", lambda s: "Session.flush (sqlalchemy/" in s),
+    ("    statement execution (SQLAlchemy Core)", lambda s: "Connection.execute (sqlalchemy/" in s),
     ("    commit", lambda s: "_connection_commit_impl (sqlalchemy/" in s),
     ("  get_ledger / engine_for", lambda s: "get_ledger (mcard_tasks/ledger.py" in s),
     ("    alembic schema check/upgrade", lambda s: "alembic/" in s),
@@ -1049,19 +1049,18 @@ def connections(bench: Bench, args: argparse.Namespace) -> list[str]:
 
 def profile(bench: Bench, args: argparse.Namespace) -> list[str]:
     c, table, say = args.concurrency, [""], print
-    if True:
-        output = Path(args.profile_output)
-        pool = args.profile_pool
-        say(f"6. profile: py-spy on a drain of {args.profile_requests} ({pool})", flush=True)
-        concurrency = c if pool == "prefork" else None
-        drain = bench.drain_mcard(
-            "profile", args.profile_requests, pool if pool == "prefork" else None, concurrency,
-            profile=output,
-        )  # fmt: skip
-        table.append(
-            f"6. Profile of an mcard drain under py-spy ({pool}, {drain.rate:,.0f}/s while sampled)"
-        )
-        table.extend("   " + line for line in summarize_profile(output))
+    output = Path(args.profile_output)
+    pool = args.profile_pool
+    say(f"6. profile: py-spy on a drain of {args.profile_requests} ({pool})", flush=True)
+    concurrency = c if pool == "prefork" else None
+    drain = bench.drain_mcard(
+        "profile", args.profile_requests, pool if pool == "prefork" else None, concurrency,
+        profile=output,
+    )  # fmt: skip
+    table.append(
+        f"6. Profile of an mcard drain under py-spy ({pool}, {drain.rate:,.0f}/s while sampled)"
+    )
+    table.extend("   " + line for line in summarize_profile(output))
     return table
 
 

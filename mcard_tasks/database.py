@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,18 +92,28 @@ def upgrade_schema(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-def autocommit_engine_for(url: str) -> Engine:
-    """A PostgreSQL engine of this process whose connections run each statement as its own
-    transaction (no BEGIN/COMMIT round trips): the ledger's one-statement fast path. Its own
-    pool: switching a pooled connection's isolation level per use costs a tenth of the path."""
-    main = engine_for(url)  # the schema, brought to head once
-    key = (os.getpid(), f"{normalize_url(url)} autocommit")
+def autocommit_engine_for(engine: Engine) -> Engine:
+    """The engine of this process on engine's PostgreSQL database whose connections run each
+    statement as its own transaction (no BEGIN/COMMIT round trips): the ledger's one-statement
+    fast path. Its own pool: switching a pooled connection's isolation level per use costs a
+    tenth of the path."""
+    url = engine.url.render_as_string(hide_password=False)
+    return _cached(
+        f"{url} autocommit",
+        lambda: create_engine(
+            engine.url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=20
+        ),
+    )
+
+
+def _cached(name: str, build: Callable[[], Engine]) -> Engine:
+    """This process's engine called name, built on first use (a forked child builds its own:
+    it must not reuse its parent's pooled connections)."""
+    key = (os.getpid(), name)
     with _LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = create_engine(
-                main.url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=20
-            )
+            engine = _ENGINES[key] = build()
         return engine
 
 
@@ -112,11 +123,10 @@ def engine_for(url: str) -> Engine:
     Keyed by process id too: a forked child must not reuse its parent's pooled connections.
     """
     url = normalize_url(url)
-    key = (os.getpid(), url)
-    with _LOCK:
-        engine = _ENGINES.get(key)
-        if engine is None:
-            engine = _create_engine(url)
-            upgrade_schema(engine)
-            _ENGINES[key] = engine
+
+    def build() -> Engine:
+        engine = _create_engine(url)
+        upgrade_schema(engine)
         return engine
+
+    return _cached(url, build)

@@ -7,6 +7,7 @@ outcomes (with a stable reason code), not errors.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -74,8 +75,8 @@ CARDS = cast(Table, Card.__table__)
 OPERATIONS = cast(Table, Operation.__table__)
 OUTBOX = cast(Table, OutboxEvent.__table__)
 TASK_STATES = cast(Table, TaskState.__table__)
-#: The pre-publish conflict check (Ledger._recorded).
-_CHECK = select(OPERATIONS.c.fingerprint, OPERATIONS.c.outcome).where(
+#: What is recorded for a request ID: read by a replay and by the pre-publish conflict check.
+_KNOWN = select(OPERATIONS.c.fingerprint, OPERATIONS.c.status, OPERATIONS.c.outcome).where(
     OPERATIONS.c.request_id == bindparam("request_id")
 )
 
@@ -91,12 +92,10 @@ class _Statements:
     burn: Any  # UPDATE the card if active and held by the owner
     card_state: Any
     known: Any  # the recorded operation of a request ID
-    # PostgreSQL: the claim and its event in one statement (one round trip fewer); None on
-    # SQLite, which has no INSERT in a WITH clause.
-    claim_with_event: Any
     complete: Any  # the pending operation's final outcome, if it is still pending
     finalize_cards: Any  # the reserved cards' final status
-    # PostgreSQL: all of a completion in one statement; None on SQLite.
+    # PostgreSQL: all of a completion in one statement; None on SQLite, which has no
+    # INSERT or UPDATE in a WITH clause.
     complete_with_event: Any
 
     @classmethod
@@ -118,10 +117,7 @@ class _Statements:
             card_state=select(CARDS.c.status, CARDS.c.owner).where(
                 CARDS.c.card_id == bindparam("card_id")
             ),
-            known=select(OPERATIONS.c.fingerprint, OPERATIONS.c.status, OPERATIONS.c.outcome).where(
-                OPERATIONS.c.request_id == bindparam("request_id")
-            ),
-            claim_with_event=_CLAIM_WITH_EVENT if dialect == "postgresql" else None,
+            known=_KNOWN,
             complete=update(OPERATIONS)
             .where(
                 OPERATIONS.c.request_id == bindparam("the_request"),
@@ -134,20 +130,6 @@ class _Statements:
             complete_with_event=_COMPLETE_WITH_EVENT if dialect == "postgresql" else None,
         )
 
-
-_CLAIM_WITH_EVENT = text(
-    """
-    WITH claim AS (
-        INSERT INTO operations (request_id, task, fingerprint, status, outcome, recorded_at)
-        VALUES (:request_id, :task, :fingerprint, :status, :outcome, :recorded_at)
-        ON CONFLICT (request_id) DO NOTHING
-        RETURNING request_id
-    )
-    INSERT INTO outbox (request_id, routing_key, body, created_at)
-    SELECT request_id, :routing_key, :outcome, :recorded_at FROM claim
-    RETURNING request_id
-    """
-)
 
 _COMPLETE_WITH_EVENT = text(
     """
@@ -203,15 +185,11 @@ _FAST_PATHS = {
     ),
 }
 
-_STATEMENTS: dict[str, _Statements] = {}
+_statements_of = functools.cache(_Statements.build)
 
 
 def _statements(connection: Connection) -> _Statements:
-    dialect = connection.dialect.name
-    built = _STATEMENTS.get(dialect)
-    if built is None:
-        built = _STATEMENTS[dialect] = _Statements.build(dialect)
-    return built
+    return _statements_of(connection.dialect.name)
 
 
 def _mint_cards(connection: Connection, request_id: str, payload: Payload, status: str) -> Verdict:
@@ -337,13 +315,11 @@ class Ledger:
         self.engine = engine
         # The one-statement fast path (PostgreSQL): no BEGIN, no COMMIT round trips.
         self._autocommit = (
-            autocommit_engine_for(engine.url.render_as_string(hide_password=False))
-            if engine.dialect.name == "postgresql"
-            else None
+            autocommit_engine_for(engine) if engine.dialect.name == "postgresql" else None
         )
         self._reader = engine.execution_options(mcard_readonly=True)
         # The conflict check's SQL, compiled once for this engine's dialect (see _recorded).
-        compiled = _CHECK.compile(dialect=engine.dialect)
+        compiled = _KNOWN.compile(dialect=engine.dialect)
         self._check_sql = compiled.string
         self._check_positional = compiled.positional
         self._dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
@@ -464,13 +440,7 @@ class Ledger:
                     "outcome": outcome,
                     "recorded_at": now,
                 }
-                statements = _statements(connection)
-                if statements.claim_with_event is not None and not pending:
-                    claim["routing_key"] = f"{task}.{verdict.outcome}"
-                    if connection.execute(statements.claim_with_event, claim).first() is None:
-                        raise _AlreadyClaimed
-                    return outcome
-                if connection.execute(statements.claim, claim).first() is None:
+                if connection.execute(_statements(connection).claim, claim).first() is None:
                     raise _AlreadyClaimed
                 if pending:
                     return None  # effect reserved; the issuer is called outside the transaction
@@ -536,13 +506,13 @@ class Ledger:
         row = self._recorded(request_id)
         if row is None:
             return None
-        recorded_fingerprint, outcome = row
+        recorded_fingerprint, _, outcome = row
         if recorded_fingerprint != fingerprint(task, payload):
             raise ConflictError(request_id)
         return str(outcome) or None  # pending: no outcome yet
 
-    def _recorded(self, request_id: str) -> tuple[str, str] | None:
-        """The fingerprint and outcome recorded for request_id: one SELECT by primary key.
+    def _recorded(self, request_id: str) -> tuple[str, str, str] | None:
+        """The fingerprint, status and outcome recorded for request_id: one SELECT by key.
 
         This runs before every publish that names its request ID, so it skips SQLAlchemy's
         per-execution machinery (events, the statement cache, result objects), which cost four
@@ -565,7 +535,7 @@ class Ledger:
                 connection.close()
         except (OperationalError, self._dbapi_error) as exc:
             raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], row[2])
 
     def outcome(self, request_id: str) -> dict[str, Any] | None:
         """The recorded outcome object of a request ID, or None."""

@@ -130,13 +130,22 @@ def _pg_admin(sql: str) -> None:
         connection.execute(sql)
 
 
-@pytest.fixture(scope="session")
-def postgresql_url() -> Iterator[str]:
-    name = f"mcard_test_{SESSION}"
+def _database(name: str) -> Iterator[str]:
+    """A PostgreSQL database of the test session: its URL, then dropped with its engines."""
     _pg_admin(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
+    from mcard_tasks.database import _ENGINES
+
+    for (_, url), engine in list(_ENGINES.items()):
+        if f"/{name}" in url:
+            engine.dispose()
     _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgresql_url() -> Iterator[str]:
+    yield from _database(f"mcard_test_{SESSION}")
 
 
 @pytest.fixture(scope="session")
@@ -147,16 +156,7 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def rules_postgresql_url() -> Iterator[str]:
     """A PostgreSQL database of its own for the ledger rule tests, emptied before each."""
-    name = f"mcard_rules_{SESSION}"
-    _pg_admin(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    from mcard_tasks.database import _ENGINES
-
-    for (_, url), engine in list(_ENGINES.items()):
-        if f"/{name}" in url:
-            engine.dispose()
-    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _database(f"mcard_rules_{SESSION}")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -9,6 +9,7 @@ import click
 from kombu.exceptions import OperationalError as BrokerError
 
 from mcard_tasks.errors import (
+    BrokerUnavailableError,
     ConflictError,
     InvalidRequestError,
     LedgerUnavailableError,
@@ -42,6 +43,8 @@ class Group(click.Group):
             _fail(EXIT_CONFLICT, str(exc))
         except LedgerUnavailableError as exc:
             _fail(EXIT_LEDGER, f"{exc}; check MCARD_DATABASE_URL")
+        except BrokerUnavailableError as exc:
+            _fail(EXIT_BROKER, f"{exc}; {BROKER_HINT}")
         except (BrokerError, ConnectionError) as exc:
             _fail(EXIT_BROKER, f"cannot reach the broker ({exc}); {BROKER_HINT}")
         except MCardError as exc:

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from mcard_tasks.cli import EXIT_BROKER, EXIT_LEDGER, EXIT_OTHER
+
 __all__ = ["COMMANDS"]
 
 
@@ -51,7 +53,11 @@ def _check(name: str, probe: Any) -> bool:
 @click.command("health")
 @click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for a worker.")
 def health(timeout: float) -> None:
-    """Check broker, ledger and workers; exit 0 only when all three answer (for probes)."""
+    """Check broker, ledger and workers; exit 0 only when all three answer (for probes).
+
+    Otherwise the first part that failed names the exit code: 4 the broker, 5 the ledger,
+    1 no worker answered.
+    """
     from sqlalchemy import text
 
     from mcard_tasks import app
@@ -76,9 +82,18 @@ def health(timeout: float) -> None:
             )
         return ", ".join(sorted(name for answer in answers for name in answer))
 
-    results = [_check("broker", broker), _check("ledger", ledger)]
-    results.append(results[0] and _check("workers", workers))
-    sys.exit(0 if all(results) else 1)
+    broker_ok, ledger_ok = _check("broker", broker), _check("ledger", ledger)
+    workers_ok = broker_ok and _check("workers", workers)
+    # The first failing part names the exit code: 4 broker, 5 ledger, 1 no worker.
+    sys.exit(
+        0
+        if workers_ok and ledger_ok
+        else EXIT_BROKER
+        if not broker_ok
+        else EXIT_LEDGER
+        if not ledger_ok
+        else EXIT_OTHER
+    )
 
 
 COMMANDS = [queues, health]

@@ -18,22 +18,16 @@ from mcard_tasks.config import Settings, get_settings
 from mcard_tasks.flower import configure_flower_if_running
 from mcard_tasks.topology import EXCHANGE, build_topology
 
-__all__ = ["app", "celery_config", "create_app"]
+__all__ = ["MCardApp", "app", "celery_config", "create_app"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery's settings for mcard-tasks."""
-    topology = build_topology(settings.queue_type, settings.delivery_limit)
+    topology = build_topology(settings)
     return {
         # Several URLs separated by ';' are kombu's failover list.
         "broker_url": settings.broker_url,
         "result_backend": "mcard_tasks.results:LedgerBackend",
-        "mcard_database_url": settings.database_url,
-        "mcard_check_conflicts": settings.check_conflicts,
-        "mcard_queue_type": settings.queue_type,
-        "mcard_delivery_limit": settings.delivery_limit,
-        "mcard_events_poll_interval": settings.events_poll_interval,
-        "mcard_publish_timeout": settings.publish_timeout,
         # Topology: built once in topology.py, shared by producer and worker. Celery detects
         # quorum queues only from its own config, so both sides must use the same list.
         "task_queues": topology.task_queues,
@@ -130,11 +124,22 @@ def _forget_parent_connections(app: Celery) -> None:
     app.conf.broker_transport_options["client_properties"]["connection_name"] = connection_name()
 
 
-def create_app(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from settings (default: the MCARD_* environment)."""
-    app = Celery("mcard_tasks", include=["mcard_tasks.tasks"])
+class MCardApp(Celery):  # type: ignore[misc]
+    """Celery's app, carrying the one Settings object it was configured from."""
+
+    settings: Settings
+
+
+def create_app(settings: Settings | None = None) -> MCardApp:
+    """A Celery app configured from settings (default: the MCARD_* environment).
+
+    Everything of mcard-tasks reads its settings from ``app.settings``
+    (``mcard_tasks.config.settings_of``); Celery's own settings are derived from them once.
+    """
+    app = MCardApp("mcard_tasks", include=["mcard_tasks.tasks"])
     os.register_at_fork(after_in_child=lambda: _forget_parent_connections(app))
     settings = settings or get_settings()
+    app.settings = settings
     app.conf.update(celery_config(settings))
     app.steps["consumer"].add(DeclareTopology)
     app.steps["worker"].add(RelayOutbox)
@@ -146,4 +151,4 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 #: The app of this process, configured from the MCARD_* environment.
 app = create_app()
-configure_flower_if_running(get_settings())
+configure_flower_if_running(app.settings)

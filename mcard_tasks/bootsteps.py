@@ -11,6 +11,7 @@ from kombu.transport.native_delayed_delivery import (
     declare_native_delayed_delivery_exchanges_and_queues,
 )
 
+from mcard_tasks.config import settings_of
 from mcard_tasks.topology import build_topology
 
 __all__ = ["DeclareTopology", "RelayOutbox"]
@@ -29,10 +30,9 @@ class DeclareTopology(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = ("celery.worker.consumer.connection:Connection",)
 
     def start(self, parent: Any) -> None:
-        conf = parent.app.conf
-        topology = build_topology(conf.mcard_queue_type, conf.mcard_delivery_limit)
-        topology.declare(parent.connection.default_channel)
-        logger.info("declared the mcard topology (%s queues)", conf.mcard_queue_type)
+        settings = settings_of(parent.app)
+        build_topology(settings).declare(parent.connection.default_channel)
+        logger.info("declared the mcard topology (%s queues)", settings.queue_type)
 
 
 class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from mcard_tasks.config import settings_of
 from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.errors import (
     BrokerUnavailableError,
@@ -453,8 +454,7 @@ class _Publisher:
         self.reprs = _Reprs(app)
 
     def open(self) -> None:
-        conf = self.app.conf
-        self.window.open(build_topology(conf.mcard_queue_type, conf.mcard_delivery_limit).declare)
+        self.window.open(build_topology(settings_of(self.app)).declare)
 
     def _settled(self, request_ids: list[str], nacked: bool) -> None:
         if nacked:
@@ -494,15 +494,6 @@ def _broker_errors() -> tuple[type[BaseException], ...]:
 
 
 # --- the import ----------------------------------------------------------------------------
-
-
-def _default_timeout(app: Celery) -> float:
-    configured = app.conf.get("mcard_publish_timeout")
-    if configured:
-        return float(configured)
-    from mcard_tasks.config import get_settings
-
-    return get_settings().publish_timeout
 
 
 def _validate(
@@ -622,12 +613,13 @@ def enqueue_many(
     report = ImportReport(source=reader.name)
     started = time.monotonic()
     engine = None
-    if app.conf.get("mcard_check_conflicts", True):
+    settings = settings_of(app)
+    if settings.check_conflicts:
         from mcard_tasks.ledger import get_ledger
 
-        engine = get_ledger(app.conf.mcard_database_url).engine
+        engine = get_ledger(settings.database_url).engine
     check = _ConflictCheck(engine)
-    publisher = _Publisher(app, report, timeout or _default_timeout(app), window)
+    publisher = _Publisher(app, report, timeout or settings.publish_timeout, window)
     try:
         _validate(reader, report, check, progress)
         if report.invalid and not skip_invalid:

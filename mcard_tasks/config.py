@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "default_database_url", "get_settings"]
+__all__ = ["Settings", "default_database_url", "get_settings", "settings_of"]
 
 
 def default_database_url() -> str:
@@ -59,13 +59,16 @@ class Settings(BaseSettings):
             return self.prefetch_multiplier
         return 2 if self.pool == "threads" else 1
 
-    @property
-    def broker_urls(self) -> list[str]:
-        """The failover list: MCARD_BROKER_URL may hold several URLs separated by ';'."""
-        return [url.strip() for url in self.broker_url.split(";") if url.strip()]
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The settings of this process, read once from the environment."""
     return Settings()
+
+
+def settings_of(app: Any) -> Settings:
+    """The Settings object of an mcard-tasks app (``create_app`` attaches it)."""
+    settings = getattr(app, "settings", None)
+    if not isinstance(settings, Settings):
+        raise TypeError(f"{app!r} is not an mcard-tasks app (it has no Settings)")
+    return settings

@@ -21,6 +21,7 @@ from typing import Any
 from celery.exceptions import Reject
 from celery.worker.request import Request
 
+from mcard_tasks.config import settings_of
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE, TASK_NAMES
 
 __all__ = ["REASON_HEADER", "DeadLetterRequest", "dead_letter"]
@@ -76,8 +77,8 @@ def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
             retry=False,
             # Bounded: a blocked broker makes this fail (then the message is rejected and
             # RabbitMQ dead-letters it) instead of stalling the worker.
-            timeout=app.conf.get("mcard_publish_timeout", 5.0),
-            confirm_timeout=app.conf.get("mcard_publish_timeout", 5.0),
+            timeout=settings_of(app).publish_timeout,
+            confirm_timeout=settings_of(app).publish_timeout,
         )
 
 

@@ -29,6 +29,7 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer
 from sqlalchemy import select, update
 
+from mcard_tasks.config import settings_of
 from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.ledger import Ledger, get_ledger
 from mcard_tasks.models import OutboxEvent
@@ -104,7 +105,7 @@ class OutboxRelay:
             # without a closing handshake that a dead connection would make us wait for.
             window.abort()
         if window is None or not window.is_open:
-            timeout = float(self.app.conf.get("mcard_publish_timeout", 5.0))
+            timeout = settings_of(self.app).publish_timeout
             window = self._window = ConfirmWindow(
                 self.app, settled, timeout, BATCH, purpose="outbox relay"
             )
@@ -203,8 +204,8 @@ os.register_at_fork(
 def relay_for(app: Celery) -> OutboxRelay:
     return OutboxRelay(
         app,
-        app.conf.mcard_database_url,
-        app.conf.get("mcard_events_poll_interval", 0.05),
+        settings_of(app).database_url,
+        settings_of(app).events_poll_interval,
     )
 
 

@@ -84,12 +84,10 @@ class SimulatedIssuer:
         self._call("destroy", request_id)
 
 
-@lru_cache(maxsize=1)
-def configured_issuer() -> Issuer:
-    """The issuer of this process, from the MCARD_* settings."""
-    from mcard_tasks.config import get_settings
-
-    return build_issuer(get_settings())
+@lru_cache(maxsize=4)
+def configured_issuer(settings: Settings) -> Issuer:
+    """The issuer of this process for these settings, built once."""
+    return build_issuer(settings)
 
 
 def build_issuer(settings: Settings) -> Issuer:

@@ -572,12 +572,8 @@ class Ledger:
             )
 
 
-def get_ledger(url: str | None = None) -> Ledger:
-    """The ledger of this process for url (default: MCARD_DATABASE_URL)."""
-    if url is None:
-        from mcard_tasks.config import get_settings
-
-        url = get_settings().database_url
+def get_ledger(url: str) -> Ledger:
+    """The ledger of this process on the database at url."""
     try:
         engine = engine_for(url)
     except OperationalError as exc:

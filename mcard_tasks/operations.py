@@ -14,6 +14,7 @@ from typing import Any
 from amqp.exceptions import NotFound, PreconditionFailed
 from celery import Celery
 
+from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import REASON_HEADER
 from mcard_tasks.topology import EXCHANGE, TASK_NAMES, Topology, build_topology, dlq_name
 
@@ -36,7 +37,7 @@ _INEQUIVALENT = re.compile(
 
 
 def topology_of(app: Celery) -> Topology:
-    return build_topology(app.conf.mcard_queue_type, app.conf.mcard_delivery_limit)
+    return build_topology(settings_of(app))
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from celery.utils.log import get_task_logger
 from kombu.exceptions import LimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from mcard_tasks.config import settings_of
 from mcard_tasks.errors import (
     BrokerUnavailableError,
     ConflictError,
@@ -82,9 +83,10 @@ class RequestTask(Task):  # type: ignore[misc]
         payload = validate_payload(self.name, fields)
         # A generated ID cannot conflict; a retry of the running task is the same request.
         check = given is not None and request_id != self.request.id
-        if check and self.app.conf.get("mcard_check_conflicts", True):
+        settings = settings_of(self.app)
+        if check and settings.check_conflicts:
             self._refuse_conflict(request_id, payload)
-        limit = float(self.app.conf.get("mcard_publish_timeout", 5.0))
+        limit = settings.publish_timeout
         # Bounded: a stopped, blocked (resource alarm) or unreachable broker raises within
         # about `limit` seconds (plus the retry intervals) instead of hanging the caller; the
         # time is shared by the first attempt and its retries.
@@ -125,7 +127,7 @@ class RequestTask(Task):  # type: ignore[misc]
         An unreachable ledger does not stop the publish: the worker checks again.
         """
         try:
-            get_ledger(self.app.conf.mcard_database_url).check(self.name, request_id, payload)
+            get_ledger(settings_of(self.app).database_url).check(self.name, request_id, payload)
         except LedgerUnavailableError as exc:
             logger.warning("publishing %s unchecked: %s", request_id, exc)
 
@@ -153,9 +155,10 @@ class RequestTask(Task):  # type: ignore[misc]
 
     def record(self, payload: Payload) -> dict[str, Any]:
         """Apply the request to the ledger; return its outcome object (the first recorded)."""
-        ledger = get_ledger(self.app.conf.mcard_database_url)
+        settings = settings_of(self.app)
+        ledger = get_ledger(settings.database_url)
         try:
-            outcome = ledger.apply(self.name, self.request.id, payload, configured_issuer())
+            outcome = ledger.apply(self.name, self.request.id, payload, configured_issuer(settings))
         except ConflictError as exc:
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
         result: dict[str, Any] = json.loads(outcome)

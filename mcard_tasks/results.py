@@ -16,6 +16,7 @@ from typing import Any
 from celery import states
 from celery.backends.base import BaseBackend
 
+from mcard_tasks.config import settings_of
 from mcard_tasks.errors import LedgerUnavailableError
 from mcard_tasks.ledger import get_ledger
 
@@ -28,8 +29,8 @@ class LedgerBackend(BaseBackend):  # type: ignore[misc]
     """Results from the card ledger (MCARD_DATABASE_URL)."""
 
     @property
-    def _database_url(self) -> str | None:
-        return self.app.conf.get("mcard_database_url")  # type: ignore[no-any-return]
+    def _database_url(self) -> str:
+        return settings_of(self.app).database_url
 
     def _store_result(
         self,

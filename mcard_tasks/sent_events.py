@@ -31,6 +31,8 @@ from celery.events import Event, EventDispatcher
 from celery.utils.time import utcoffset
 from kombu.messaging import Producer
 
+from mcard_tasks.config import settings_of
+
 __all__ = ["SentEvents", "sent_events"]
 
 logger = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ class SentEvents(EventDispatcher):  # type: ignore[misc]
                 headers=self.headers,
                 delivery_mode=self.delivery_mode,
                 retry=False,
-                timeout=float(self.app.conf.get("mcard_publish_timeout", 5.0)),
+                timeout=settings_of(self.app).publish_timeout,
             )
         except Exception as exc:  # monitoring data: it must never fail a confirmed publish
             logger.warning("task-sent event of %s not sent: %r", fields.get("uuid"), exc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from mcard_tasks.application import app
-from mcard_tasks.config import get_settings
 from mcard_tasks.payloads import MintRequest, SingleBurnRequest, SingleMintRequest
 from mcard_tasks.producer import RequestTask
 
@@ -14,7 +13,7 @@ __all__ = ["mint", "single_burn", "single_mint"]
 OPTIONS: dict[str, Any] = {
     "base": RequestTask,
     "bind": True,
-    "max_retries": get_settings().max_retries,
+    "max_retries": app.settings.max_retries,
 }
 
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from kombu.entity import Exchange, Queue
 
+from mcard_tasks.config import Settings
+
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
     "EVENTS_EXCHANGE",
@@ -96,10 +98,9 @@ class Topology:
             queue.bind(channel).declare()
 
 
-def build_topology(
-    queue_type: Literal["quorum", "classic"] = "quorum", delivery_limit: int = 5
-) -> Topology:
-    """Build the topology for the given queue type."""
+def build_topology(settings: Settings) -> Topology:
+    """Build the topology for the settings' queue type and delivery limit."""
+    queue_type, delivery_limit = settings.queue_type, settings.delivery_limit
     task_queues = tuple(
         Queue(
             name,

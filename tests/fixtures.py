@@ -105,7 +105,7 @@ def drain_dlq(queue: str) -> list[Any]:
 
     taken = []
     with app.connection_for_read() as connection:
-        dlq = build_topology().queue(dlq_name(queue))(connection.default_channel)
+        dlq = build_topology(app.settings).queue(dlq_name(queue))(connection.default_channel)
         while (message := dlq.get(no_ack=True)) is not None:
             taken.append(message)
     return taken
@@ -292,11 +292,18 @@ def ledger_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 
+def change_settings(monkeypatch: pytest.MonkeyPatch, **changes: Any) -> None:
+    """Give this process's app other settings for one test (undone after it)."""
+    from mcard_tasks import app
+
+    monkeypatch.setattr(app, "settings", app.settings.model_copy(update=changes))
+
+
 def use_ledger(url: str) -> None:
     """Point this process's producers and result reads at the ledger url."""
     from mcard_tasks import app
 
-    app.conf.mcard_database_url = url
+    app.settings = app.settings.model_copy(update={"database_url": url})
 
 
 @pytest.fixture(scope="module")

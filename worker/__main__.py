@@ -9,13 +9,12 @@ from __future__ import annotations
 import sys
 
 from mcard_tasks.application import app
-from mcard_tasks.config import get_settings
 from mcard_tasks.topology import TASK_NAMES
 
 
 def worker_argv(extra: list[str]) -> list[str]:
     """Celery's worker arguments for the settings of this process."""
-    settings = get_settings()
+    settings = app.settings
     return [
         "worker",
         f"--hostname={settings.worker_name}",

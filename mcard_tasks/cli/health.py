@@ -69,7 +69,7 @@ def health(timeout: float) -> None:
             return str(connection.as_uri())
 
     def ledger() -> str:
-        engine = get_ledger(app.conf.mcard_database_url).engine
+        engine = get_ledger(app.settings.database_url).engine
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         return engine.url.render_as_string(hide_password=True)

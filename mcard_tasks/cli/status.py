@@ -18,9 +18,10 @@ EXIT_NO_OUTCOME = 6
 @click.argument("request_id")
 def status(request_id: str) -> None:
     """Print the recorded outcome of REQUEST_ID (exit 6 while none is recorded)."""
+    from mcard_tasks import app
     from mcard_tasks.ledger import get_ledger
 
-    ledger = get_ledger()
+    ledger = get_ledger(app.settings.database_url)
     outcome = ledger.outcome(check_request_id(request_id))
     if outcome is not None:
         click.echo(json.dumps(outcome, sort_keys=True))

@@ -15,11 +15,10 @@ def topology() -> None:
 @topology.command("show")
 def show() -> None:
     """Print every exchange, queue, binding and queue argument."""
-    from mcard_tasks.config import get_settings
+    from mcard_tasks import app
     from mcard_tasks.topology import build_topology
 
-    settings = get_settings()
-    built = build_topology(settings.queue_type, settings.delivery_limit)
+    built = build_topology(app.settings)
     for exchange in built.exchanges:
         click.echo(f"exchange {exchange.name} type={exchange.type} durable={exchange.durable}")
     for queue in built.task_queues + built.dead_letter_queues:

@@ -71,12 +71,12 @@ def write(tmp_path: Path, lines: list[str]) -> Path:
 
 
 def outcome(request_id: str) -> dict[str, Any] | None:
-    return get_ledger(app.conf.mcard_database_url).outcome(request_id)
+    return get_ledger(app.settings.database_url).outcome(request_id)
 
 
 def raw_outcomes(request_ids: list[str]) -> dict[str, str]:
     """The stored outcome text of each request ID, byte for byte."""
-    engine = get_ledger(app.conf.mcard_database_url).engine
+    engine = get_ledger(app.settings.database_url).engine
     found: dict[str, str] = {}
     with engine.connect() as connection:
         for start in range(0, len(request_ids), 200):
@@ -178,7 +178,7 @@ def test_a_bulk_import_lands_every_request_once_and_a_rerun_changes_nothing(
         lambda: len(raw_outcomes(request_ids)) == 250, TIMEOUT, "all 250 outcomes in the ledger"
     )
     first = raw_outcomes(request_ids)
-    ledger = get_ledger(app.conf.mcard_database_url)
+    ledger = get_ledger(app.settings.database_url)
     for request in requests:
         result = json.loads(first[request.request_id])
         assert (result["outcome"], result["request_id"]) == ("succeeded", request.request_id)

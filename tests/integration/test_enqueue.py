@@ -17,7 +17,13 @@ from kombu import Queue, pools
 from mcard_tasks import app
 from mcard_tasks.errors import BrokerUnavailableError
 from mcard_tasks.tasks import single_mint
-from tests.fixtures import broker_channels, broker_connections, rabbitmqctl, wait_for
+from tests.fixtures import (
+    broker_channels,
+    broker_connections,
+    change_settings,
+    rabbitmqctl,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 LIMIT = 2.0
@@ -25,7 +31,7 @@ LIMIT = 2.0
 
 @pytest.fixture
 def short_publish_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(app.conf, "mcard_publish_timeout", LIMIT)
+    change_settings(monkeypatch, publish_timeout=LIMIT)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from mcard_tasks.ledger import get_ledger
 from mcard_tasks.operations import queue_depths
 from mcard_tasks.tasks import mint, single_mint
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
-from tests.fixtures import Worker, drain_dlq, use_ledger, wait_for
+from tests.fixtures import Worker, change_settings, drain_dlq, use_ledger, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def test_topology_check_explains_a_changed_queue_argument_in_plain_words(
     vhost: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert run("topology", "declare")[0] == 0
-    monkeypatch.setitem(app.conf, "mcard_delivery_limit", 9)
+    change_settings(monkeypatch, delivery_limit=9)
     code, output = run("topology", "check")
     assert code == 1
     assert "x-delivery-limit" in output and "mcard.mint" in output

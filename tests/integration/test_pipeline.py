@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -53,7 +54,7 @@ def test_single_mint_succeeds_and_the_ledger_holds_the_card(stack: Worker) -> No
     assert outcome["reason"] is None
     assert outcome["request_id"] == request_id
     assert outcome["card_ids"] == [card] and outcome["owner"] == "alice"
-    stored = get_ledger(app.conf.mcard_database_url).card(card)
+    stored = get_ledger(app.settings.database_url).card(card)
     assert stored is not None and stored.owner == "alice" and stored.status == "active"
 
 
@@ -70,7 +71,7 @@ def test_a_replay_returns_the_stored_outcome_byte_for_byte_and_has_no_second_eff
 ) -> None:
     card, request_id = new_id("card"), new_id("req")
     first = outcome_of(single_mint.delay(card_id=card, owner="alice", request_id=request_id))
-    ledger = get_ledger(app.conf.mcard_database_url)
+    ledger = get_ledger(app.settings.database_url)
     stored_before = ledger.outcome(request_id)
     # A duplicate message straight to the broker (as a redelivery would be), bypassing the
     # producer's check: the worker must answer from the ledger.
@@ -109,7 +110,7 @@ def test_a_conflicting_message_that_reaches_the_worker_never_replaces_the_first_
     # A later request proves the worker has consumed the conflicting message first... on the
     # same queue, with one consumer of prefetch 1 it is taken in order.
     outcome_of(single_mint.delay(card_id=new_id("card"), owner="alice"))
-    ledger = get_ledger(app.conf.mcard_database_url)
+    ledger = get_ledger(app.settings.database_url)
     assert ledger.outcome(request_id) == first
     assert ledger.card(other_card) is None
     assert AsyncResult(request_id, app=app).get(timeout=TIMEOUT) == first
@@ -120,7 +121,7 @@ def test_a_batch_mint_is_all_or_nothing(stack: Worker) -> None:
     outcome_of(single_mint.delay(card_id=taken, owner="alice"))
     outcome = outcome_of(mint.delay(owner="bob", card_ids=[fresh, taken]))
     assert outcome["outcome"] == "rejected" and outcome["reason"] == "already_minted"
-    assert get_ledger(app.conf.mcard_database_url).card(fresh) is None
+    assert get_ledger(app.settings.database_url).card(fresh) is None
     whole = outcome_of(mint.delay(owner="bob", card_ids=[fresh, new_id("card")]))
     assert whole["outcome"] == "succeeded" and len(whole["card_ids"]) == 2
 
@@ -130,7 +131,7 @@ def test_minting_an_existing_card_is_rejected_already_minted(stack: Worker) -> N
     outcome_of(single_mint.delay(card_id=card, owner="alice"))
     outcome = outcome_of(single_mint.delay(card_id=card, owner="bob"))
     assert (outcome["outcome"], outcome["reason"]) == ("rejected", "already_minted")
-    stored = get_ledger(app.conf.mcard_database_url).card(card)
+    stored = get_ledger(app.settings.database_url).card(card)
     assert stored is not None and stored.owner == "alice"
 
 
@@ -145,13 +146,15 @@ def test_burn_rules_holder_only_once_and_known_cards_only(stack: Worker) -> None
     assert (again["outcome"], again["reason"]) == ("rejected", "already_burned")
     unknown = outcome_of(single_burn.delay(card_id=new_id("card"), owner="alice"))
     assert (unknown["outcome"], unknown["reason"]) == ("rejected", "unknown_card")
-    stored = get_ledger(app.conf.mcard_database_url).card(card)
+    stored = get_ledger(app.settings.database_url).card(card)
     assert stored is not None and stored.status == "burned"
 
 
 def test_without_a_request_id_one_is_generated_and_returned(stack: Worker) -> None:
     result = single_mint.delay(card_id=new_id("card"), owner="alice")
-    assert uuid.UUID(result.id)
+    assert str(uuid.UUID(result.id)) == result.id  # a canonical UUID, not any string
+    again = single_mint.delay(card_id=new_id("card"), owner="alice")
+    assert again.id != result.id
     assert outcome_of(result)["request_id"] == result.id
 
 
@@ -162,11 +165,15 @@ def test_async_result_reads_the_outcome_from_another_process(stack: Worker) -> N
     )
     code = (
         "import json, sys; from celery.result import AsyncResult; from mcard_tasks import app;"
-        f"app.conf.mcard_database_url = {app.conf.mcard_database_url!r};"
         f"print(json.dumps(AsyncResult({request_id!r}, app=app).get(timeout=10)))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", code],
+        env=dict(os.environ, MCARD_DATABASE_URL=app.settings.database_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     assert json.loads(out) == first
 

@@ -59,6 +59,6 @@ def test_a_malformed_request_is_dead_lettered_and_the_worker_goes_on(
     assert good.get(timeout=20, interval=0.05)["outcome"] == "succeeded"
     dead = wait_for(lambda: drain_dlq("mcard.single_mint"), 20, "the dead letter")
     assert [m.headers["id"] for m in dead] == [bad_id]
-    assert get_ledger(app.conf.mcard_database_url).outcome(bad_id) is None
+    assert get_ledger(app.settings.database_url).outcome(bad_id) is None
     assert stack.process is not None and stack.process.poll() is None
     assert stack.stop() == 0

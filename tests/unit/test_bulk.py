@@ -31,6 +31,7 @@ from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.errors import InvalidRequestError
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.payloads import validate_payload
+from tests.fixtures import use_ledger
 
 
 def line(**document: Any) -> str:
@@ -47,10 +48,10 @@ def problems_of(text: str) -> str:
 def ledger_url(tmp_path: Path) -> Iterator[str]:
     """A fresh SQLite ledger for the conflict checks."""
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    previous = app.conf.mcard_database_url
-    app.conf.mcard_database_url = url
+    previous = app.settings
+    use_ledger(url)
     yield url
-    app.conf.mcard_database_url = previous
+    app.settings = previous
 
 
 def write(tmp_path: Path, *lines: str) -> Path:

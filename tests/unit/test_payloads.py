@@ -8,6 +8,7 @@ import pytest
 
 from mcard_tasks.errors import InvalidRequestError, MCardError
 from mcard_tasks.payloads import (
+    canonical_json,
     check_request_id,
     fingerprint,
     validate_payload,
@@ -41,8 +42,8 @@ def test_identifiers_must_be_strings(value: object) -> None:
 
 
 def test_identifiers_at_the_limits_are_accepted() -> None:
-    assert validate_payload(BURN, {"card_id": "x", "owner": "y" * 128})
-    assert validate_payload(BURN, {"card_id": "ünïcode-✓", "owner": "o"})
+    for fields in ({"card_id": "x", "owner": "y" * 128}, {"card_id": "ünïcode-✓", "owner": "o"}):
+        assert validate_payload(BURN, fields).model_dump() == fields
 
 
 def test_missing_and_unknown_fields_are_named() -> None:
@@ -60,7 +61,9 @@ def test_metadata_must_be_an_object(metadata: object) -> None:
 
 def test_metadata_is_limited_to_16_kib_as_json() -> None:
     at_limit = {"k": "x" * (16 * 1024 - len('{"k":""}'))}
-    assert validate_payload(SINGLE_MINT, {"card_id": "c", "owner": "o", "metadata": at_limit})
+    fields = {"card_id": "c", "owner": "o", "metadata": at_limit}
+    assert len(canonical_json(at_limit).encode()) == 16 * 1024
+    assert validate_payload(SINGLE_MINT, fields).model_dump() == fields
     over = {"k": "x" * (16 * 1024)}
     assert "at most 16384 bytes" in problems(
         SINGLE_MINT, {"card_id": "c", "owner": "o", "metadata": over}
@@ -76,7 +79,8 @@ def test_a_batch_holds_1_to_1000_distinct_valid_card_ids() -> None:
     assert "card_ids: must hold 1 to 1000" in problems(MINT, {"owner": "o", "card_ids": []})
     too_many = [f"c{i}" for i in range(1001)]
     assert "card_ids: must hold 1 to 1000" in problems(MINT, {"owner": "o", "card_ids": too_many})
-    assert validate_payload(MINT, {"owner": "o", "card_ids": too_many[:1000]})
+    accepted = validate_payload(MINT, {"owner": "o", "card_ids": too_many[:1000]})
+    assert accepted.model_dump()["card_ids"] == too_many[:1000]
     assert "repeated: a" in problems(MINT, {"owner": "o", "card_ids": ["a", "b", "a"]})
     assert "card_ids.1: must be 1 to 128" in problems(MINT, {"owner": "o", "card_ids": ["a", " "]})
     assert "card_ids:" in problems(MINT, {"owner": "o", "card_ids": "abc"})

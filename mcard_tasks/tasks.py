@@ -37,3 +37,10 @@ def mint(
 def single_burn(self: RequestTask, card_id: str, owner: str) -> dict[str, Any]:
     """Destroy a card that owner holds."""
     return self.record(SingleBurnRequest(card_id=card_id, owner=owner))
+
+
+# Bind the tasks now, in the importing thread, while the import lock keeps every other thread
+# out of this module. Left to Celery, each decorated task is a lazy proxy that builds and binds
+# its task on first use with no lock: a burst of first calls from many threads had all but one
+# of them use a task whose binding was still under way (its request stack not yet made).
+app.finalize()

@@ -63,7 +63,7 @@ print(json.dumps({"requested": requested, "published": published, "errors": erro
 @pytest.fixture
 def queue(vhost: str) -> Iterator[Any]:
     """The session vhost's mcard.single_mint queue, declared, empty before and after the test."""
-    topology = build_topology(app.conf.mcard_queue_type, app.conf.mcard_delivery_limit)
+    topology = build_topology(app.settings)
     with app.connection_for_write() as connection:
         topology.declare(connection.default_channel)
         bound = topology.queue(QUEUE)(connection.default_channel)

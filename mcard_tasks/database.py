@@ -69,8 +69,10 @@ def _sqlite_engine(url: str) -> Engine:
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
-    # No pre-ping (a round trip per transaction): a connection gone stale fails its
-    # transaction, which is retried as a transient error, and SQLAlchemy then replaces it.
+    # No pre-ping (a round trip per transaction): a connection gone stale (the server
+    # restarted) fails its transaction, which is retried as a transient error, and SQLAlchemy
+    # then replaces every connection older than the failure. Reads of outcomes and task states
+    # retry once on a fresh connection at once (Ledger._read), so a stale pool never fails them.
     return create_engine(url, pool_size=10, max_overflow=20)
 
 

@@ -28,7 +28,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from mcard_tasks.database import autocommit_engine_for, engine_for
@@ -339,6 +339,25 @@ class Ledger:
         except OperationalError as exc:
             raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
 
+    def _read(self, read: Callable[[Session], T]) -> T:
+        """read(session) in a read-only transaction, run again once on a fresh connection if
+        its pooled one turned out to be dead (the server restarted since it was pooled).
+
+        No pre-ping (a round trip per checkout, and this pool is also the hot path's): a dead
+        connection fails its first statement, SQLAlchemy then recycles every connection the
+        pool made before that moment, and the second attempt connects anew. A database that
+        is really down fails that attempt too (LedgerUnavailableError).
+        """
+        try:
+            with self._session(readonly=True) as session:
+                return read(session)
+        except LedgerUnavailableError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, DBAPIError) and cause.connection_invalidated):
+                raise
+        with self._session(readonly=True) as session:
+            return read(session)
+
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
         """A write transaction on the ledger, in SQLAlchemy Core (the hot path: no ORM)."""
@@ -539,19 +558,17 @@ class Ledger:
 
     def outcome(self, request_id: str) -> dict[str, Any] | None:
         """The recorded outcome object of a request ID, or None."""
-        with self._session(readonly=True) as session:
-            known = session.get(Operation, request_id)
-            if known is None or not known.outcome:
-                return None
-            return dict(json.loads(known.outcome))
+        known = self._read(lambda session: session.get(Operation, request_id))
+        if known is None or not known.outcome:
+            return None
+        return dict(json.loads(known.outcome))
 
     def card(self, card_id: str) -> Card | None:
         with self._session(readonly=True) as session:
             return session.get(Card, card_id)
 
     def task_state(self, request_id: str) -> TaskState | None:
-        with self._session(readonly=True) as session:
-            return session.get(TaskState, request_id)
+        return self._read(lambda session: session.get(TaskState, request_id))
 
     def save_task_state(
         self, request_id: str, state: str, result: str | None, traceback: str | None

@@ -15,7 +15,7 @@ from celery.result import AsyncResult
 
 from mcard_tasks import app
 from mcard_tasks.errors import LedgerUnavailableError
-from mcard_tasks.results import LedgerBackend
+from mcard_tasks.results import LedgerBackend, LedgerWaitTimeoutError
 
 
 @pytest.fixture
@@ -41,6 +41,7 @@ def test_a_ledger_never_reachable_ends_the_wait_at_the_timeout_naming_the_ledger
         AsyncResult("never-seen", app=app).get(timeout=1.0, interval=0.1)
     elapsed = time.monotonic() - started
     assert 1.0 <= elapsed < 2.0, f"gave up after {elapsed:.2f} s"
+    assert isinstance(raised.value, LedgerWaitTimeoutError)
     assert isinstance(raised.value, LedgerUnavailableError)
     assert "the ledger database is unavailable" in str(raised.value)
     assert "never-seen" in str(raised.value)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
 __all__ = [
     "BrokerUnavailableError",
     "ConfigurationError",
     "ConflictError",
     "InvalidRequestError",
     "LedgerUnavailableError",
+    "LedgerWaitTimeoutError",
     "MCardError",
     "TopologyDriftError",
     "TransientError",
@@ -47,6 +50,14 @@ class TransientError(MCardError):
 
 class LedgerUnavailableError(TransientError):
     """Raised when the card ledger's database cannot be reached."""
+
+
+class LedgerWaitTimeoutError(LedgerUnavailableError, CeleryTimeoutError):  # type: ignore[misc]
+    """Raised by get(timeout=T) when the ledger was still unavailable after T seconds.
+
+    A celery.exceptions.TimeoutError (code that handles a timed-out get() handles this too)
+    and a LedgerUnavailableError (its message names the ledger and the last error).
+    """
 
 
 class BrokerUnavailableError(MCardError):

@@ -26,20 +26,12 @@ from celery.backends.base import BaseBackend
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from mcard_tasks.config import settings_of
-from mcard_tasks.errors import LedgerUnavailableError
+from mcard_tasks.errors import LedgerUnavailableError, LedgerWaitTimeoutError
 from mcard_tasks.ledger import get_ledger
 
-__all__ = ["LedgerBackend", "LedgerWaitTimeoutError"]
+__all__ = ["LedgerBackend"]
 
 logger = logging.getLogger(__name__)
-
-
-class LedgerWaitTimeoutError(LedgerUnavailableError, CeleryTimeoutError):  # type: ignore[misc]
-    """Raised by get(timeout=T) when the ledger was still unavailable after T seconds.
-
-    A celery.exceptions.TimeoutError (code that handles a timed-out get() handles this too)
-    and a LedgerUnavailableError (its message names the ledger and the last error).
-    """
 
 
 class LedgerBackend(BaseBackend):  # type: ignore[misc]

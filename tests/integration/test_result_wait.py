@@ -46,12 +46,12 @@ def server() -> Iterator[PrivatePostgres]:
 def worker(server: PrivatePostgres, worker_factory: Callable[..., Worker]) -> Iterator[Worker]:
     """The only worker on the session vhost while this module runs; its ledger (and this
     process's result reads) on the private PostgreSQL. Retries enough to outlast an outage."""
-    previous = app.conf.get("mcard_database_url")
+    previous = app.settings
     worker = worker_factory(server.url, "resultwait", max_retries="20").start()
     use_ledger(server.url)
     yield worker
     assert worker.stop() == 0, "a warm shutdown (SIGTERM) exits 0"
-    app.conf.mcard_database_url = previous
+    app.settings = previous
 
 
 @pytest.fixture

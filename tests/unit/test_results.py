@@ -14,14 +14,15 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 from mcard_tasks import app
-from mcard_tasks.errors import LedgerUnavailableError
-from mcard_tasks.results import LedgerBackend, LedgerWaitTimeoutError
+from mcard_tasks.errors import LedgerUnavailableError, LedgerWaitTimeoutError
+from mcard_tasks.results import LedgerBackend
+from tests.fixtures import use_ledger
 
 
 @pytest.fixture
 def ledger_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Lets each test point this process's result reads at a ledger of its choice."""
-    monkeypatch.setitem(app.conf, "mcard_database_url", app.conf.get("mcard_database_url"))
+    monkeypatch.setattr(app, "settings", app.settings)
     yield
 
 
@@ -35,7 +36,7 @@ def closed_port() -> int:
 def test_a_ledger_never_reachable_ends_the_wait_at_the_timeout_naming_the_ledger(
     ledger_url: None,
 ) -> None:
-    app.conf.mcard_database_url = f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere"
+    use_ledger(f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere")
     started = time.monotonic()
     with pytest.raises(CeleryTimeoutError) as raised:
         AsyncResult("never-seen", app=app).get(timeout=1.0, interval=0.1)
@@ -72,7 +73,7 @@ def test_a_ledger_that_comes_back_within_the_timeout_gives_the_outcome(
 def test_a_healthy_ledger_without_the_outcome_times_out_as_celery_does(
     ledger_url: None, tmp_path: Path
 ) -> None:
-    app.conf.mcard_database_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    use_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     started = time.monotonic()
     with pytest.raises(CeleryTimeoutError) as raised:
         AsyncResult("not-yet", app=app).get(timeout=0.5, interval=0.1)
@@ -82,6 +83,6 @@ def test_a_healthy_ledger_without_the_outcome_times_out_as_celery_does(
 
 def test_state_reads_still_report_an_unreachable_ledger(ledger_url: None) -> None:
     """Only waiting rides out an outage: a one-off read says the ledger is unavailable."""
-    app.conf.mcard_database_url = f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere"
+    use_ledger(f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere")
     with pytest.raises(LedgerUnavailableError):
         _ = AsyncResult("never-seen", app=app).state

@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import pools
 
-from mcard_tasks.bootsteps import DeclareTopology, RelayOutbox
+from mcard_tasks.bootsteps import RelayOutbox
 from mcard_tasks.config import Settings, get_settings
 from mcard_tasks.flower import configure_flower_if_running
 from mcard_tasks.topology import EXCHANGE, build_topology
@@ -141,7 +141,6 @@ def create_app(settings: Settings | None = None) -> MCardApp:
     settings = settings or get_settings()
     app.settings = settings
     app.conf.update(celery_config(settings))
-    app.steps["consumer"].add(DeclareTopology)
     app.steps["worker"].add(RelayOutbox)
     signals.after_setup_logger.connect(
         lambda **_: quiet_task_lines(settings), weak=False, dispatch_uid="mcard-task-lines"

@@ -11,28 +11,9 @@ from kombu.transport.native_delayed_delivery import (
     declare_native_delayed_delivery_exchanges_and_queues,
 )
 
-from mcard_tasks.config import settings_of
-from mcard_tasks.topology import build_topology
-
-__all__ = ["DeclareTopology", "RelayOutbox"]
+__all__ = ["LiveNodeDelayedDelivery", "RelayOutbox"]
 
 logger = logging.getLogger(__name__)
-
-
-class DeclareTopology(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Declare the whole topology (dead-letter side included) on every (re)connection.
-
-    Celery declares only the queues a worker consumes; the dead-letter exchange and queues
-    must exist before the first message is dead-lettered, or at-least-once dead-lettering
-    keeps the message in its source queue.
-    """
-
-    requires = ("celery.worker.consumer.connection:Connection",)
-
-    def start(self, parent: Any) -> None:
-        settings = settings_of(parent.app)
-        build_topology(settings).declare(parent.connection.default_channel)
-        logger.info("declared the mcard topology (%s queues)", settings.queue_type)
 
 
 class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]

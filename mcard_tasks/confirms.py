@@ -44,7 +44,7 @@ class ConfirmWindow:
         self.blocked: str | None = None
         self.connection: Any = None
         self.channel: Any = None
-        self.opened_at = self.used_at = 0.0  # time.monotonic() of the last open / publish
+        self.used_at = 0.0  # time.monotonic() of the last open or publish
 
     @property
     def is_open(self) -> bool:
@@ -91,7 +91,7 @@ class ConfirmWindow:
         self.channel = channel
         self.pending.clear()
         self.next_tag = self.low = 1
-        self.opened_at = self.used_at = time.monotonic()
+        self.used_at = time.monotonic()
 
     def _on_blocked(self, reason: str) -> None:
         self.blocked = reason

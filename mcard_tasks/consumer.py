@@ -5,18 +5,28 @@
 - Native delayed delivery is declared on the live node the consumer just connected to, so a
   failover resumes consuming at once.
 - Task events are published without confirms: they must never stall the main loop.
+- The whole topology is declared on every (re)connection, before anything consumes: Celery
+  declares only the queues it consumes, and at-least-once dead-lettering needs the
+  dead-letter exchange and queues first. A queue declared on the broker with other arguments
+  stops the worker with TopologyDriftError in plain words (Celery would reconnect forever on
+  the PRECONDITION_FAILED).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 from celery import signals
 from celery.worker.consumer import Consumer
 
+from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import dead_letter
+from mcard_tasks.topology import build_topology
 
 __all__ = ["MCardConsumer"]
+
+logger = logging.getLogger(__name__)
 
 
 class MCardConsumer(Consumer):  # type: ignore[misc]
@@ -30,6 +40,14 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
             else step
             for step in Consumer.Blueprint.default_steps
         ]
+
+    def connect(self) -> Any:
+        """The consuming connection, with the whole topology declared on it first."""
+        connection = super().connect()
+        settings = settings_of(self.app)
+        build_topology(settings).declare(connection.default_channel)
+        logger.info("declared the mcard topology (%s queues)", settings.queue_type)
+        return connection
 
     def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
         """The connection of the worker's task events (Celery's Events step is its one user).

@@ -61,7 +61,6 @@ def dead_letter(app: Any, message: Any, reason: str) -> None:
 def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
     headers = dict(message.headers or {})
     headers[REASON_HEADER] = reason[:_REASON_MAX]
-    headers["x-mcard-queue"] = queue
     properties = message.properties or {}
     with app.producer_pool.acquire(block=True, timeout=10) as producer:
         producer.publish(

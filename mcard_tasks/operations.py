@@ -5,7 +5,6 @@ Nothing here needs RabbitMQ's management plugin: it uses passive declares and ba
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +15,14 @@ from celery import Celery
 
 from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import REASON_HEADER
-from mcard_tasks.topology import EXCHANGE, TASK_NAMES, Topology, build_topology, dlq_name
+from mcard_tasks.topology import (
+    EXCHANGE,
+    TASK_NAMES,
+    Topology,
+    build_topology,
+    dlq_name,
+    explain_drift,
+)
 
 __all__ = [
     "DeadLetter",
@@ -29,11 +35,6 @@ __all__ = [
     "replay_dlq",
     "topology_of",
 ]
-
-_INEQUIVALENT = re.compile(
-    r"inequivalent arg '(?P<arg>[^']+)' for queue '(?P<queue>[^']+)'.*?"
-    r"received (?P<ours>.+?) but current is (?P<theirs>.+?)$"
-)
 
 
 def topology_of(app: Celery) -> Topology:
@@ -51,17 +52,6 @@ def declare_topology(app: Celery) -> None:
     """Declare every exchange and queue (idempotent when nothing drifted)."""
     with _channel(app) as channel:
         topology_of(app).declare(channel)
-
-
-def _explain(exc: PreconditionFailed) -> str:
-    found = _INEQUIVALENT.search(str(exc))
-    if not found:
-        return str(exc)
-    return (
-        f"queue {found['queue']} has {found['arg']} = {found['theirs']} on the broker but the"
-        f" topology says {found['ours']}: the queue must be drained and re-declared"
-        " (or MCARD_* changed back) before workers and producers can use it"
-    )
 
 
 def check_topology(app: Celery) -> list[str]:
@@ -84,7 +74,7 @@ def check_topology(app: Celery) -> list[str]:
             try:  # an equivalent declare is a no-op; a different argument is refused
                 queue(connection.channel()).queue_declare()
             except PreconditionFailed as exc:
-                problems.append(_explain(exc))
+                problems.append(explain_drift(exc))
     return problems
 
 

@@ -12,12 +12,15 @@ AMQP reminders, where the entities are declared:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from amqp.exceptions import PreconditionFailed
 from kombu.entity import Exchange, Queue
 
 from mcard_tasks.config import Settings
+from mcard_tasks.errors import TopologyDriftError
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
@@ -27,6 +30,7 @@ __all__ = [
     "Topology",
     "build_topology",
     "dlq_name",
+    "explain_drift",
 ]
 
 EXCHANGE_NAME = "mcard"
@@ -91,11 +95,36 @@ class Topology:
         raise KeyError(name)
 
     def declare(self, channel: Any) -> None:
-        """Declare everything, dead-letter side first so no dead letter is ever unroutable."""
-        for exchange in self.exchanges:
-            exchange.bind(channel).declare()
-        for queue in self.dead_letter_queues + self.task_queues:
-            queue.bind(channel).declare()
+        """Declare everything, dead-letter side first so no dead letter is ever unroutable.
+
+        Raises TopologyDriftError, in plain words, when an entity on the broker was declared
+        with other arguments (RabbitMQ's PRECONDITION_FAILED; the channel is then closed).
+        """
+        try:
+            for exchange in self.exchanges:
+                exchange.bind(channel).declare()
+            for queue in self.dead_letter_queues + self.task_queues:
+                queue.bind(channel).declare()
+        except PreconditionFailed as exc:
+            raise TopologyDriftError(explain_drift(exc)) from exc
+
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for queue '(?P<queue>[^']+)'.*?"
+    r"received (?P<ours>.+?) but current is (?P<theirs>.+?)$"
+)
+
+
+def explain_drift(exc: PreconditionFailed) -> str:
+    """RabbitMQ's PRECONDITION_FAILED for a queue argument, said in plain words."""
+    found = _INEQUIVALENT.search(str(exc))
+    if not found:
+        return str(exc)
+    return (
+        f"queue {found['queue']} has {found['arg']} = {found['theirs']} on the broker but the"
+        f" topology says {found['ours']}: the queue must be drained and re-declared"
+        " (or MCARD_* changed back) before workers and producers can use it"
+    )
 
 
 def build_topology(settings: Settings) -> Topology:

@@ -28,7 +28,14 @@ def worker_argv(extra: list[str]) -> list[str]:
 
 
 def main() -> None:
-    app.worker_main(worker_argv(sys.argv[1:]))
+    """Run ``celery -A mcard_tasks worker ...``; exit with the worker's exit code.
+
+    Not app.worker_main: it drops the code, so a worker stopped by an unrecoverable error
+    (a drifted topology, say) would exit 0.
+    """
+    from celery.bin.celery import celery
+
+    celery.main(args=["-A", "mcard_tasks", *worker_argv(sys.argv[1:])], prog_name="celery")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -18,7 +18,15 @@ from mcard_tasks.ledger import get_ledger
 from mcard_tasks.operations import queue_depths
 from mcard_tasks.tasks import mint, single_mint
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
-from tests.fixtures import Worker, change_settings, drain_dlq, use_ledger, wait_for
+from tests.conftest import BROKER_BASE
+from tests.fixtures import (
+    Worker,
+    change_settings,
+    drain_dlq,
+    rabbitmqctl,
+    use_ledger,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +78,38 @@ def test_topology_check_explains_a_changed_queue_argument_in_plain_words(
     assert code == 1
     assert "x-delivery-limit" in output and "mcard.mint" in output
     assert "PRECONDITION_FAILED" not in output
+    code, output = run("topology", "declare")
+    assert code == 1 and "x-delivery-limit" in output and "must be drained" in output
+
+
+@pytest.fixture
+def drifted_vhost() -> Iterator[str]:
+    """A vhost of its own whose task queues were declared with another delivery limit."""
+    name = f"mcard-drift-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    url = f"{BROKER_BASE}/{name}"
+    env = dict(os.environ, MCARD_BROKER_URL=url, MCARD_DELIVERY_LIMIT="9")
+    declared = subprocess.run(
+        [sys.executable, "-m", "mcard_tasks.cli", "topology", "declare"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert declared.returncode == 0, declared.stderr
+    yield url
+    rabbitmqctl("delete_vhost", name)
+
+
+def test_a_worker_stops_with_the_drift_in_plain_words_instead_of_reconnecting_forever(
+    drifted_vhost: str, sqlite_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    worker = make_worker(sqlite_url, "drift", broker_url=drifted_vhost).launch()
+    assert worker.process is not None
+    code = worker.process.wait(60)
+    assert code != 0
+    log = worker.log.read_text()
+    assert "TopologyDriftError" in log and "x-delivery-limit = '9' on the broker" in log
 
 
 def test_dlq_show_replay_and_purge(sqlite_url: str, make_worker: Callable[..., Worker]) -> None:

@@ -61,9 +61,10 @@ from mcard_tasks.errors import (
     MCardError,
 )
 from mcard_tasks.models import Operation
-from mcard_tasks.payloads import Payload, fingerprint, validate_payload
+from mcard_tasks.payloads import Payload, fingerprint
 from mcard_tasks.producer import resolve_request_id
-from mcard_tasks.topology import EXCHANGE, TASK_NAMES, build_topology
+from mcard_tasks.specs import PREFIX, SPECS, validate_payload
+from mcard_tasks.topology import EXCHANGE, build_topology
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -98,8 +99,6 @@ RERUN_ADVICE = (
     " repeat what already happened"
 )
 
-_PREFIX = "mcard."
-_SHORT_NAMES = tuple(name.removeprefix(_PREFIX) for name in TASK_NAMES)
 _PERSISTENT = 2
 
 #: ``progress(phase, done, total)``: phase "validate" counts bytes of a file (lines of an
@@ -146,13 +145,13 @@ def parse_request(text: str) -> Request:
         kind = "an array" if isinstance(document, list) else f"a {type(document).__name__}"
         raise InvalidRequestError([f"must be a JSON object (got {kind})"])
     fields = dict(document)
-    known = ", ".join(_SHORT_NAMES)
+    known = ", ".join(spec.short_name for spec in SPECS.values())
     short = fields.pop("task", None)
     if short is None:
         raise InvalidRequestError([f"task: is required (one of {known})"])
-    if not isinstance(short, str) or short.removeprefix(_PREFIX) not in _SHORT_NAMES:
+    task = PREFIX + short.removeprefix(PREFIX) if isinstance(short, str) else ""
+    if task not in SPECS:
         raise InvalidRequestError([f"task: unknown task {short!r} (known: {known})"])
-    task = _PREFIX + short.removeprefix(_PREFIX)
     problems: list[str] = []
     request_id: str | None = None
     given = fields.pop("request_id", None)

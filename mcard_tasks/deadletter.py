@@ -22,7 +22,8 @@ from celery.exceptions import Reject
 from celery.worker.request import Request
 
 from mcard_tasks.config import settings_of
-from mcard_tasks.topology import DEAD_LETTER_EXCHANGE, TASK_NAMES
+from mcard_tasks.specs import task_names
+from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
 
 __all__ = ["REASON_HEADER", "DeadLetterRequest", "dead_letter"]
 
@@ -38,7 +39,7 @@ def source_queue(message: Any) -> str | None:
     ends with the queue's name.
     """
     key = str((message.delivery_info or {}).get("routing_key") or "")
-    return next((name for name in TASK_NAMES if key == name or key.endswith("." + name)), None)
+    return next((name for name in task_names() if key == name or key.endswith("." + name)), None)
 
 
 def dead_letter(app: Any, message: Any, reason: str) -> None:

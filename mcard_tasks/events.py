@@ -21,18 +21,15 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
 from kombu.entity import Queue
 from kombu.messaging import Consumer
-from sqlalchemy import select, update
 
 from mcard_tasks.config import settings_of
 from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.ledger import Ledger, get_ledger
-from mcard_tasks.models import OutboxEvent
 from mcard_tasks.topology import EVENTS_EXCHANGE
 
 __all__ = ["Event", "OutboxRelay", "subscribe"]
@@ -63,30 +60,16 @@ class OutboxRelay:
 
     def publish_pending(self) -> int:
         """Publish one batch of pending events; return how many the broker confirmed."""
-        sqlite = self.ledger.engine.dialect.name == "sqlite"
-        # On PostgreSQL the rows stay locked (SKIP LOCKED: relays of other workers take other
-        # rows) until they are marked; SQLite has one writer, so it reads, then marks.
-        with self.ledger.session(readonly=sqlite) as session:
-            rows = session.execute(
-                select(OutboxEvent.request_id, OutboxEvent.routing_key, OutboxEvent.body)
-                .where(OutboxEvent.published_at.is_(None))
-                .order_by(OutboxEvent.created_at)
-                .limit(BATCH)
-                .with_for_update(skip_locked=True)
-            ).all()
-            if not rows:
+        with self.ledger.pending_events(BATCH) as batch:
+            if not batch.rows:
                 return 0
-            confirmed, error = self._publish([tuple(row) for row in rows])
-            if not sqlite and confirmed:
-                self._mark(session, confirmed)
-        if sqlite and confirmed:
-            with self.ledger.session() as session:
-                self._mark(session, confirmed)
+            confirmed, error = self._publish(batch.rows)
+            batch.mark(confirmed)
         if error is not None:
             raise error  # after marking what the broker did confirm
         return len(confirmed)
 
-    def _publish(self, rows: list[tuple[Any, ...]]) -> tuple[list[str], Exception | None]:
+    def _publish(self, rows: list[tuple[str, str, str]]) -> tuple[list[str], Exception | None]:
         """Publish the batch with confirms pipelined: the request IDs the broker confirmed,
         and the error that cut the batch short, if any.
 
@@ -133,14 +116,6 @@ class OutboxRelay:
         if refused:
             logger.warning("outbox relay: the broker refused %d events; retrying", len(refused))
         return confirmed, None
-
-    @staticmethod
-    def _mark(session: Any, request_ids: list[str]) -> None:
-        session.execute(
-            update(OutboxEvent)
-            .where(OutboxEvent.request_id.in_(request_ids))
-            .values(published_at=datetime.now(UTC))
-        )
 
     def run(self) -> None:
         while not self._stop.is_set():

@@ -1,8 +1,9 @@
 """The card ledger: each request claims its ID, applies its effect and records its outcome
 in one transaction, so a request ID has exactly one effect however often it arrives.
 
-The business rules are plain functions of a connection and a payload; rejections are recorded
-outcomes (with a stable reason code), not errors.
+What a task kind does (its rule, its cards, its issuer call) comes from its spec
+(mcard_tasks.specs); this module records it. Rejections are recorded outcomes, not errors.
+Every outcome is written with its event (the outbox), which the relay publishes later.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import functools
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
@@ -20,8 +21,8 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
+    TextClause,
     bindparam,
-    delete,
     insert,
     select,
     text,
@@ -35,43 +36,18 @@ from mcard_tasks.database import autocommit_engine_for, engine_for
 from mcard_tasks.errors import ConflictError, LedgerUnavailableError
 from mcard_tasks.issuers import Issuer, LedgerIssuer
 from mcard_tasks.models import Card, Operation, OutboxEvent, TaskState
-from mcard_tasks.payloads import (
-    MintRequest,
-    Payload,
-    SingleBurnRequest,
-    SingleMintRequest,
-    canonical_json,
-    fingerprint,
-)
+from mcard_tasks.payloads import Payload, canonical_json, fingerprint
+from mcard_tasks.rules import Verdict, now
+from mcard_tasks.specs import TaskSpec, spec_for
 
-__all__ = ["Ledger", "Verdict", "get_ledger"]
+__all__ = ["Ledger", "PendingEvents", "event_routing_key", "get_ledger"]
 
 T = TypeVar("T")
 
-SUCCEEDED, REJECTED = "succeeded", "rejected"
 # A concurrent claim of the same request ID or card makes the loser's transaction fail on a
 # unique key; it then starts again and finds the winner's row. Bounded, in case of a bug.
 _CLAIM_ATTEMPTS = 5
 
-
-@dataclass(frozen=True)
-class Verdict:
-    """What a rule decided: succeeded, or rejected with a reason code."""
-
-    reason: str | None = None
-    detail: str | None = None
-
-    @property
-    def outcome(self) -> str:
-        return SUCCEEDED if self.reason is None else REJECTED
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-# The tables, for the Core statements of the hot path.
-CARDS = cast(Table, Card.__table__)
 OPERATIONS = cast(Table, Operation.__table__)
 OUTBOX = cast(Table, OutboxEvent.__table__)
 TASK_STATES = cast(Table, TaskState.__table__)
@@ -81,78 +57,72 @@ _KNOWN = select(OPERATIONS.c.fingerprint, OPERATIONS.c.status, OPERATIONS.c.outc
 )
 
 
+def event_routing_key(task: str, status: str) -> str:
+    """The routing key of an outcome event on ``mcard.events``: ``<task>.<status>``."""
+    return f"{task}.{status}"
+
+
+@contextmanager
+def _unavailable(*errors: type[Exception]) -> Iterator[None]:
+    """Say "the ledger is unavailable" for a database that cannot be reached (or, with
+    errors, for any of those driver errors): the one place that maps them."""
+    caught: tuple[type[Exception], ...] = (OperationalError, *errors)
+    try:
+        yield
+    except caught as exc:
+        raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class _Statements:
-    """The hot path's statements, built once per dialect: only their parameters change, so
-    SQLAlchemy compiles each once and psycopg prepares it on the server."""
+    """The ledger's statements, built once per dialect (compiled once, prepared once)."""
 
-    mint: Any  # INSERT cards ... ON CONFLICT DO NOTHING RETURNING card_id
     claim: Any  # INSERT operations ... ON CONFLICT DO NOTHING RETURNING request_id
     event: Any  # INSERT outbox
-    burn: Any  # UPDATE the card if active and held by the owner
-    card_state: Any
-    known: Any  # the recorded operation of a request ID
     complete: Any  # the pending operation's final outcome, if it is still pending
     finalize_cards: Any  # the reserved cards' final status
-    # PostgreSQL: all of a completion in one statement; None on SQLite, which has no
-    # INSERT or UPDATE in a WITH clause.
-    complete_with_event: Any
+    save_state: Any  # upsert of a task state
 
     @classmethod
     def build(cls, dialect: str) -> _Statements:
         insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        states = insert_(TASK_STATES)
         return cls(
-            mint=insert_(CARDS)
-            .on_conflict_do_nothing(index_elements=["card_id"])
-            .returning(CARDS.c.card_id),
             claim=insert_(OPERATIONS)
             .on_conflict_do_nothing(index_elements=["request_id"])
             .returning(OPERATIONS.c.request_id),
             event=insert(OUTBOX),
-            burn=update(CARDS).where(
-                CARDS.c.card_id == bindparam("the_card"),
-                CARDS.c.status == "active",
-                CARDS.c.owner == bindparam("the_owner"),
-            ),
-            card_state=select(CARDS.c.status, CARDS.c.owner).where(
-                CARDS.c.card_id == bindparam("card_id")
-            ),
-            known=_KNOWN,
             complete=update(OPERATIONS)
             .where(
                 OPERATIONS.c.request_id == bindparam("the_request"),
                 OPERATIONS.c.status == "pending",
             )
             .returning(OPERATIONS.c.request_id),
-            finalize_cards=update(CARDS).where(
-                CARDS.c.card_id.in_(bindparam("card_ids", expanding=True))
+            finalize_cards=update(Card).where(
+                Card.card_id.in_(bindparam("card_ids", expanding=True))
             ),
-            complete_with_event=_COMPLETE_WITH_EVENT if dialect == "postgresql" else None,
+            save_state=states.on_conflict_do_update(
+                index_elements=["request_id"],
+                set_={
+                    name: states.excluded[name]
+                    for name in ("state", "result", "traceback", "updated_at")
+                },
+            ),
         )
 
 
-_COMPLETE_WITH_EVENT = text(
-    """
-    WITH done AS (
-        UPDATE operations SET status = :status, outcome = :outcome, recorded_at = :recorded_at
-        WHERE request_id = :request_id AND status = 'pending'
-        RETURNING request_id
-    ), finalized AS (
-        UPDATE cards SET status = :final_status
-        WHERE card_id = ANY(:card_ids) AND EXISTS (SELECT 1 FROM done)
-    )
-    INSERT INTO outbox (request_id, routing_key, body, created_at)
-    SELECT request_id, :routing_key, :outcome, :recorded_at FROM done
-    RETURNING request_id
-    """
-)
+_statements_of = functools.cache(_Statements.build)
+
+
+def _statements(connection: Connection) -> _Statements:
+    return _statements_of(connection.dialect.name)
 
 
 # PostgreSQL, one card, the ledger as issuer: the whole success of a new request in ONE
 # statement, run outside an explicit transaction (a statement is atomic on its own): the
-# effect, the claim carrying the success outcome, and its event. It changes nothing unless the
-# card's effect applies; a request ID recorded already fails it on the operations key (nothing
-# committed). Either way the general path then decides (a rejection, a replay or a conflict).
+# spec's effect, the claim carrying the success outcome, and its event. It changes nothing
+# unless the card's effect applies; a request ID recorded already fails it on the operations
+# key (nothing committed). Either way the general path then decides.
 _RECORD_SUCCESS = """
     WITH effect AS ({effect}),
     claim AS (
@@ -165,147 +135,64 @@ _RECORD_SUCCESS = """
     SELECT request_id, :routing_key, :outcome, :recorded_at FROM claim
     RETURNING request_id
 """
-_FAST_PATHS = {
-    "mcard.single_mint": text(
-        _RECORD_SUCCESS.format(
-            effect="""
-        INSERT INTO cards (card_id, owner, metadata, status, minted_by, minted_at)
-        VALUES (:card_id, :owner, :metadata, 'active', :request_id, :recorded_at)
-        ON CONFLICT (card_id) DO NOTHING
-        RETURNING card_id"""
-        )
-    ).bindparams(bindparam("metadata", type_=JSON)),
-    "mcard.single_burn": text(
-        _RECORD_SUCCESS.format(
-            effect="""
-        UPDATE cards SET status = 'burned', burned_by = :request_id, burned_at = :recorded_at
-        WHERE card_id = :card_id AND status = 'active' AND owner = :owner
-        RETURNING card_id"""
-        )
-    ),
-}
-
-_statements_of = functools.cache(_Statements.build)
 
 
-def _statements(connection: Connection) -> _Statements:
-    return _statements_of(connection.dialect.name)
+@functools.cache
+def _fast_path(spec: TaskSpec) -> TextClause:
+    assert spec.fast_effect is not None
+    statement = text(_RECORD_SUCCESS.format(effect=spec.fast_effect))
+    return statement.bindparams(*(bindparam(name, type_=JSON) for name in spec.json_fields))
 
 
-def _mint_cards(connection: Connection, request_id: str, payload: Payload, status: str) -> Verdict:
-    """All or nothing: if any card exists (or is being minted), none is minted.
-
-    One statement on the way to success: the cards go in unless their ID is taken, and a
-    concurrent mint of the same card waits on the unique key, then finds it taken.
-    """
-    assert isinstance(payload, MintRequest | SingleMintRequest)
-    # In key order: two batches sharing cards lock them in the same order (no deadlock).
-    card_ids = sorted(_card_ids(payload))
-    now = _now()
-    rows = [
-        {
-            "card_id": card_id,
-            "owner": payload.owner,
-            "metadata": payload.metadata,
-            "status": status,
-            "minted_by": request_id,
-            "minted_at": now,
-        }
-        for card_id in card_ids
-    ]
-    minted = (
-        connection.execute(_statements(connection).mint, rows[0] if len(rows) == 1 else rows)
-        .scalars()
-        .all()
-    )
-    if len(minted) == len(card_ids):
-        return Verdict()
-    if minted:  # some were free: give them back, the batch is all or nothing
-        connection.execute(delete(CARDS).where(CARDS.c.card_id.in_(minted)))
-    taken = sorted(set(card_ids) - set(minted))
-    return Verdict("already_minted", "already minted: " + ", ".join(taken[:20]))
-
-
-def _burn_card(connection: Connection, request_id: str, payload: Payload, status: str) -> Verdict:
-    """One statement on the way to success; a refusal looks at the card to name its reason."""
-    assert isinstance(payload, SingleBurnRequest)
-    statements = _statements(connection)
-    burned = connection.execute(
-        statements.burn,
-        {
-            "the_card": payload.card_id,
-            "the_owner": payload.owner,
-            "status": status,
-            "burned_by": request_id,
-            "burned_at": _now(),
-        },
-    ).rowcount
-    if burned:
-        return Verdict()
-    card = connection.execute(statements.card_state, {"card_id": payload.card_id}).first()
-    if card is None or card.status == "minting":
-        return Verdict("unknown_card", f"no card {payload.card_id!r} was minted")
-    if card.status in ("burned", "burning"):
-        return Verdict("already_burned", f"card {payload.card_id!r} is already burned")
-    return Verdict("not_holder", f"card {payload.card_id!r} is not held by that owner")
-
-
-def _card_ids(payload: Payload) -> list[str]:
-    if isinstance(payload, MintRequest):
-        return payload.card_ids
-    assert isinstance(payload, SingleMintRequest | SingleBurnRequest)
-    return [payload.card_id]
-
-
-Rule = Callable[[Connection, str, Payload, str], Verdict]
-#: Each rule decides and applies (or reserves, with a pending status) the effect.
-RULES: dict[str, tuple[Rule, str, str]] = {
-    # task: (rule, status while an external issuer works, final status)
-    "mcard.mint": (_mint_cards, "minting", "active"),
-    "mcard.single_mint": (_mint_cards, "minting", "active"),
-    "mcard.single_burn": (_burn_card, "burning", "burned"),
-}
-
-
-def _outcome_object(
-    task: str, request_id: str, payload: Payload, verdict: Verdict, recorded_at: datetime
+def _outcome_json(
+    spec: TaskSpec, request_id: str, payload: Payload, verdict: Verdict, recorded_at: datetime
 ) -> str:
+    """The outcome object as recorded, stored and published: one canonical JSON text."""
     return canonical_json(
         {
             "request_id": request_id,
-            "task": task,
-            "outcome": verdict.outcome,
+            "task": spec.name,
+            "outcome": verdict.status,
             "reason": verdict.reason,
             "detail": verdict.detail,
             "owner": payload.owner,
-            "card_ids": _card_ids(payload),
+            "card_ids": spec.cards(payload),
             "recorded_at": recorded_at.isoformat(),
         }
     )
 
 
-def _add_event(
-    connection: Connection,
-    task: str,
-    request_id: str,
-    verdict: Verdict,
-    outcome: str,
-    recorded_at: datetime,
+def _record(
+    connection: Connection, spec: TaskSpec, request_id: str, verdict: Verdict, outcome_json: str
 ) -> None:
     """The outcome's pending event, in the transaction that records the outcome (outbox)."""
     connection.execute(
         _statements(connection).event,
         {
             "request_id": request_id,
-            "routing_key": f"{task}.{verdict.outcome}",
-            "body": outcome,
-            "created_at": recorded_at,
+            "routing_key": event_routing_key(spec.name, verdict.status),
+            "body": outcome_json,
+            "created_at": now(),
         },
     )
 
 
 class _AlreadyClaimed(Exception):
     """The request ID is recorded already: undo this attempt and look at the record."""
+
+
+@dataclass
+class PendingEvents:
+    """A batch of unpublished outcome events: (request ID, routing key, body) rows.
+
+    ``mark(request_ids)`` marks those the broker confirmed as published.
+    """
+
+    rows: list[tuple[str, str, str]]
+    confirmed: list[str] = field(default_factory=list)
+
+    def mark(self, request_ids: list[str]) -> None:
+        self.confirmed.extend(request_ids)
 
 
 class Ledger:
@@ -327,17 +214,10 @@ class Ledger:
     @contextmanager
     def session(self, readonly: bool = False) -> Iterator[Session]:
         """A transaction on the ledger (readonly: no write lock on SQLite)."""
-        with self._session(readonly) as session:
-            yield session
-
-    @contextmanager
-    def _session(self, readonly: bool = False) -> Iterator[Session]:
-        try:
+        with _unavailable():
             bind = self._reader if readonly else self.engine
             with Session(bind, expire_on_commit=False) as session, session.begin():
                 yield session
-        except OperationalError as exc:
-            raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
 
     def _read(self, read: Callable[[Session], T]) -> T:
         """read(session) in a read-only transaction, run again once on a fresh connection if
@@ -349,23 +229,20 @@ class Ledger:
         is really down fails that attempt too (LedgerUnavailableError).
         """
         try:
-            with self._session(readonly=True) as session:
+            with self.session(readonly=True) as session:
                 return read(session)
         except LedgerUnavailableError as exc:
             cause = exc.__cause__
             if not (isinstance(cause, DBAPIError) and cause.connection_invalidated):
                 raise
-        with self._session(readonly=True) as session:
+        with self.session(readonly=True) as session:
             return read(session)
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
         """A write transaction on the ledger, in SQLAlchemy Core (the hot path: no ORM)."""
-        try:
-            with self.engine.begin() as connection:
-                yield connection
-        except OperationalError as exc:
-            raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
+        with _unavailable(), self.engine.begin() as connection:
+            yield connection
 
     def apply(
         self, task: str, request_id: str, payload: Payload, issuer: Issuer | None = None
@@ -374,52 +251,48 @@ class Ledger:
 
         With an external issuer the operation is recorded as pending (its cards reserved)
         before the call and completed after it, so a crash in between is resolved by asking
-        the issuer again with the same request ID. Raises ConflictError when the request ID
-        is recorded with a different payload, and the issuer's TransientError as is.
+        the issuer again with the same request ID.
+
+        Raises ConflictError when the request ID is recorded with a different payload,
+        LedgerUnavailableError when the database cannot be reached, and the issuer's
+        TransientError as is.
         """
-        issuer = issuer or LedgerIssuer()
-        digest = fingerprint(task, payload)
-        if not issuer.external and self._autocommit is not None and task in _FAST_PATHS:
-            outcome = self._record_success(task, request_id, payload, digest)
-            if outcome is not None:
-                return outcome
-        outcome = self._retry_claims(
-            lambda: self._claim(task, request_id, payload, digest, issuer.external)
+        spec, issuer = spec_for(task), issuer or LedgerIssuer()
+        digest = fingerprint(spec.name, payload)
+        if not issuer.external and self._autocommit is not None and spec.fast_effect:
+            outcome_json = self._record_success(spec, request_id, payload, digest)
+            if outcome_json is not None:
+                return outcome_json
+        outcome_json = self._retry_claims(
+            lambda: self._claim(spec, request_id, payload, digest, issuer.external)
         )
-        if outcome is not None:
-            return outcome
-        _call_issuer(issuer, task, request_id, payload)
-        return self._retry_claims(lambda: self._complete(task, request_id, payload))
+        if outcome_json is not None:
+            return outcome_json
+        spec.issue(issuer, request_id, payload)
+        return self._retry_claims(lambda: self._complete(spec, request_id, payload))
 
     def _record_success(
-        self, task: str, request_id: str, payload: Payload, digest: str
+        self, spec: TaskSpec, request_id: str, payload: Payload, digest: str
     ) -> str | None:
         """The fast path of a new request that succeeds: its outcome, or None if the general
         path must decide (the card's effect does not apply, or the request ID is recorded)."""
         assert self._autocommit is not None
-        assert isinstance(payload, SingleMintRequest | SingleBurnRequest)
-        verdict, now = Verdict(), _now()
-        outcome = _outcome_object(task, request_id, payload, verdict, now)
-        parameters = {
+        verdict, recorded_at = Verdict(), now()
+        outcome_json = _outcome_json(spec, request_id, payload, verdict, recorded_at)
+        parameters = payload.model_dump() | {
             "request_id": request_id,
-            "task": task,
+            "task": spec.name,
             "fingerprint": digest,
-            "outcome": outcome,
-            "recorded_at": now,
-            "routing_key": f"{task}.{verdict.outcome}",
-            "card_id": payload.card_id,
-            "owner": payload.owner,
+            "outcome": outcome_json,
+            "recorded_at": recorded_at,
+            "routing_key": event_routing_key(spec.name, verdict.status),
         }
-        if isinstance(payload, SingleMintRequest):
-            parameters["metadata"] = payload.metadata
         try:
-            with self._autocommit.connect() as connection:
-                done = connection.execute(_FAST_PATHS[task], parameters).first()
+            with _unavailable(), self._autocommit.connect() as connection:
+                done = connection.execute(_fast_path(spec), parameters).first()
         except IntegrityError:
             return None  # the request ID is recorded: nothing was committed
-        except OperationalError as exc:
-            raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
-        return outcome if done is not None else None
+        return outcome_json if done is not None else None
 
     @staticmethod
     def _retry_claims(step: Callable[[], T]) -> T:
@@ -431,7 +304,7 @@ class Ledger:
         raise LedgerUnavailableError("could not claim the request; try again")
 
     def _claim(
-        self, task: str, request_id: str, payload: Payload, digest: str, external: bool
+        self, spec: TaskSpec, request_id: str, payload: Payload, digest: str, external: bool
     ) -> str | None:
         """Decide, apply and claim the request ID in one transaction.
 
@@ -440,82 +313,67 @@ class Ledger:
         which carries the outcome) and its event. If the request ID turns out to be recorded
         already, the attempt is rolled back and the record answers instead (a replay).
         """
-        rule, pending_status, final_status = RULES[task]
+        status = spec.pending_status if external else spec.final_status
         try:
             with self._transaction() as connection:
-                verdict = rule(
-                    connection, request_id, payload, pending_status if external else final_status
-                )
+                verdict = spec.rule(connection, request_id, payload, status)
                 pending = external and verdict.reason is None
-                now = _now()
-                outcome = (
-                    "" if pending else _outcome_object(task, request_id, payload, verdict, now)
+                recorded_at = now()
+                outcome_json = (
+                    ""
+                    if pending
+                    else _outcome_json(spec, request_id, payload, verdict, recorded_at)
                 )
                 claim = {
                     "request_id": request_id,
-                    "task": task,
+                    "task": spec.name,
                     "fingerprint": digest,
-                    "status": "pending" if pending else verdict.outcome,
-                    "outcome": outcome,
-                    "recorded_at": now,
+                    "status": "pending" if pending else verdict.status,
+                    "outcome": outcome_json,
+                    "recorded_at": recorded_at,
                 }
                 if connection.execute(_statements(connection).claim, claim).first() is None:
                     raise _AlreadyClaimed
                 if pending:
                     return None  # effect reserved; the issuer is called outside the transaction
-                _add_event(connection, task, request_id, verdict, outcome, now)
-                return outcome
+                _record(connection, spec, request_id, verdict, outcome_json)
+                return outcome_json
         except _AlreadyClaimed:
             pass
-        with self._transaction() as connection:
-            known = connection.execute(
-                _statements(connection).known, {"request_id": request_id}
-            ).one()
-        if known.fingerprint != digest:
-            raise ConflictError(request_id)
-        return None if known.status == "pending" else str(known.outcome)
+        status_, outcome_json = self._known(spec, request_id, digest)
+        return None if status_ == "pending" else outcome_json
 
-    def _complete(self, task: str, request_id: str, payload: Payload) -> str:
+    def _known(self, spec: TaskSpec, request_id: str, digest: str) -> tuple[str, str]:
+        """The recorded status and outcome JSON of a claimed request ID.
+
+        Raises ConflictError when it was claimed with a different payload.
+        """
+        row = self._recorded(request_id)
+        assert row is not None, f"claimed request {request_id} vanished"
+        recorded_fingerprint, status, outcome_json = row
+        if recorded_fingerprint != digest:
+            raise ConflictError(request_id)
+        return status, outcome_json
+
+    def _complete(self, spec: TaskSpec, request_id: str, payload: Payload) -> str:
         """After the issuer succeeded: make the reserved effect final and record the outcome,
         unless another delivery of the request completed it meanwhile."""
-        verdict, now = Verdict(), _now()
-        outcome = _outcome_object(task, request_id, payload, verdict, now)
-        card_ids, final_status = _card_ids(payload), RULES[task][2]
+        verdict = Verdict()
+        outcome_json = _outcome_json(spec, request_id, payload, verdict, now())
         with self._transaction() as connection:
             statements = _statements(connection)
-            if statements.complete_with_event is not None:
-                done = connection.execute(
-                    statements.complete_with_event,
-                    {
-                        "request_id": request_id,
-                        "status": verdict.outcome,
-                        "outcome": outcome,
-                        "recorded_at": now,
-                        "final_status": final_status,
-                        "card_ids": card_ids,
-                        "routing_key": f"{task}.{verdict.outcome}",
-                    },
-                ).first()
-            else:
-                done = connection.execute(
-                    statements.complete,
-                    {
-                        "the_request": request_id,
-                        "status": verdict.outcome,
-                        "outcome": outcome,
-                        "recorded_at": now,
-                    },
-                ).first()
-                if done is not None:
-                    connection.execute(
-                        statements.finalize_cards, {"card_ids": card_ids, "status": final_status}
-                    )
-                    _add_event(connection, task, request_id, verdict, outcome, now)
+            done = connection.execute(
+                statements.complete,
+                {"the_request": request_id, "status": verdict.status, "outcome": outcome_json},
+            ).first()
             if done is not None:
-                return outcome
-            known = connection.execute(statements.known, {"request_id": request_id}).first()
-        assert known is not None, f"pending operation {request_id} vanished"
-        return str(known.outcome)  # another delivery completed it meanwhile
+                connection.execute(
+                    statements.finalize_cards,
+                    {"card_ids": spec.cards(payload), "status": spec.final_status},
+                )
+                _record(connection, spec, request_id, verdict, outcome_json)
+                return outcome_json
+        return self._known(spec, request_id, fingerprint(spec.name, payload))[1]
 
     def check(self, task: str, request_id: str, payload: Payload) -> str | None:
         """The stored outcome if this very request is recorded, None if the ID is new.
@@ -525,10 +383,10 @@ class Ledger:
         row = self._recorded(request_id)
         if row is None:
             return None
-        recorded_fingerprint, _, outcome = row
+        recorded_fingerprint, _, outcome_json = row
         if recorded_fingerprint != fingerprint(task, payload):
             raise ConflictError(request_id)
-        return str(outcome) or None  # pending: no outcome yet
+        return outcome_json or None  # pending: no outcome yet
 
     def _recorded(self, request_id: str) -> tuple[str, str, str] | None:
         """The fingerprint, status and outcome recorded for request_id: one SELECT by key.
@@ -540,7 +398,7 @@ class Ledger:
         (on PostgreSQL the pool rolls back the one the driver opened, on return).
         """
         params = (request_id,) if self._check_positional else {"request_id": request_id}
-        try:
+        with _unavailable(self._dbapi_error):
             connection = self.engine.raw_connection()
             try:
                 cursor = connection.cursor()
@@ -552,9 +410,7 @@ class Ledger:
                 raise
             finally:
                 connection.close()
-        except (OperationalError, self._dbapi_error) as exc:
-            raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
-        return None if row is None else (row[0], row[1], row[2])
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]))
 
     def outcome(self, request_id: str) -> dict[str, Any] | None:
         """The recorded outcome object of a request ID, or None."""
@@ -564,8 +420,7 @@ class Ledger:
         return dict(json.loads(known.outcome))
 
     def card(self, card_id: str) -> Card | None:
-        with self._session(readonly=True) as session:
-            return session.get(Card, card_id)
+        return self._read(lambda session: session.get(Card, card_id))
 
     def task_state(self, request_id: str) -> TaskState | None:
         return self._read(lambda session: session.get(TaskState, request_id))
@@ -578,23 +433,54 @@ class Ledger:
         An upsert: two deliveries of one request (a retry due at once runs beside the run that
         scheduled it) may store a state at the same moment, and neither may fail on the key.
         """
-        values = {"state": state, "result": result, "traceback": traceback, "updated_at": _now()}
+        values = {"request_id": request_id, "state": state, "result": result}
         with self._transaction() as connection:
-            insert_ = (
-                postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-            )
-            statement = insert_(TASK_STATES).values(request_id=request_id, **values)
             connection.execute(
-                statement.on_conflict_do_update(index_elements=["request_id"], set_=values)
+                _statements(connection).save_state,
+                values | {"traceback": traceback, "updated_at": now()},
             )
+
+    @contextmanager
+    def pending_events(self, limit: int) -> Iterator[PendingEvents]:
+        """The oldest unpublished outcome events, at most limit; those marked in the block
+        are recorded as published when it ends.
+
+        On PostgreSQL the rows stay locked until then (SKIP LOCKED: the relays of other workers
+        take other rows); SQLite has one writer, so it reads, then marks in a second
+        transaction.
+        """
+        sqlite_ = self.engine.dialect.name == "sqlite"
+        query = (
+            select(OutboxEvent.request_id, OutboxEvent.routing_key, OutboxEvent.body)
+            .where(OutboxEvent.published_at.is_(None))
+            .order_by(OutboxEvent.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self.session(readonly=sqlite_) as session:
+            batch = PendingEvents([(r[0], r[1], r[2]) for r in session.execute(query)])
+            try:
+                yield batch
+            finally:
+                if batch.confirmed and not sqlite_:
+                    self._mark_published(session, batch.confirmed)
+        if batch.confirmed and sqlite_:
+            with self.session() as session:
+                self._mark_published(session, batch.confirmed)
+
+    @staticmethod
+    def _mark_published(session: Session, request_ids: list[str]) -> None:
+        session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.request_id.in_(request_ids))
+            .values(published_at=now())
+        )
 
 
 def get_ledger(url: str) -> Ledger:
     """The ledger of this process on the database at url."""
-    try:
+    with _unavailable():
         engine = engine_for(url)
-    except OperationalError as exc:
-        raise LedgerUnavailableError(f"the ledger database is unavailable: {exc}") from exc
     ledger = _LEDGERS.get(engine)
     if ledger is None:
         ledger = _LEDGERS[engine] = Ledger(engine)
@@ -602,11 +488,3 @@ def get_ledger(url: str) -> Ledger:
 
 
 _LEDGERS: dict[Engine, Ledger] = {}
-
-
-def _call_issuer(issuer: Issuer, task: str, request_id: str, payload: Payload) -> None:
-    if isinstance(payload, SingleBurnRequest):
-        issuer.destroy(request_id, payload.owner, payload.card_id)
-    else:
-        assert isinstance(payload, MintRequest | SingleMintRequest)
-        issuer.issue(request_id, payload.owner, _card_ids(payload), payload.metadata)

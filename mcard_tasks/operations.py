@@ -15,9 +15,9 @@ from celery import Celery
 
 from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import REASON_HEADER
+from mcard_tasks.specs import task_names
 from mcard_tasks.topology import (
     EXCHANGE,
-    TASK_NAMES,
     Topology,
     build_topology,
     dlq_name,
@@ -128,11 +128,11 @@ def _describe(message: Any) -> DeadLetter:
 
 
 def _dlq(queue: str) -> str:
-    if queue in TASK_NAMES:
+    if queue in task_names():
         return dlq_name(queue)
-    if queue.removesuffix(".dlq") in TASK_NAMES and queue.endswith(".dlq"):
+    if queue.removesuffix(".dlq") in task_names() and queue.endswith(".dlq"):
         return queue
-    raise ValueError(f"unknown queue {queue!r}; one of: {', '.join(TASK_NAMES)}")
+    raise ValueError(f"unknown queue {queue!r}; one of: {', '.join(task_names())}")
 
 
 def dead_letters(app: Celery, queue: str, limit: int = 50) -> list[DeadLetter]:

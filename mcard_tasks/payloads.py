@@ -19,7 +19,7 @@ __all__ = [
     "canonical_json",
     "check_request_id",
     "fingerprint",
-    "validate_payload",
+    "validate_fields",
 ]
 
 IDENT_MAX = 128
@@ -104,13 +104,6 @@ class SingleBurnRequest(Payload):
     card_id: Ident
 
 
-PAYLOADS: dict[str, type[Payload]] = {
-    "mcard.mint": MintRequest,
-    "mcard.single_mint": SingleMintRequest,
-    "mcard.single_burn": SingleBurnRequest,
-}
-
-
 def _describe(error: Any) -> str:
     field = ".".join(str(part) for part in error["loc"]) or "request"
     if error["type"] == "missing":
@@ -123,11 +116,9 @@ def _describe(error: Any) -> str:
     return f"{field}: {message}"
 
 
-def validate_payload(task: str, kwargs: dict[str, Any]) -> Payload:
-    """Validate a task's keyword arguments; InvalidRequestError names each field and rule."""
-    model = PAYLOADS.get(task)
-    if model is None:
-        raise InvalidRequestError([f"task: unknown task {task!r} (known: {', '.join(PAYLOADS)})"])
+def validate_fields(model: type[Payload], kwargs: dict[str, Any]) -> Payload:
+    """Validate keyword arguments against a payload model; InvalidRequestError names each
+    field and rule."""
     try:
         return model.model_validate(kwargs)
     except ValidationError as exc:

@@ -32,8 +32,9 @@ from mcard_tasks.errors import (
 )
 from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
-from mcard_tasks.payloads import Payload, check_request_id, validate_payload
+from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.sent_events import sent_events
+from mcard_tasks.specs import TaskSpec
 
 __all__ = ["RequestTask", "resolve_request_id"]
 
@@ -67,6 +68,12 @@ class RequestTask(Task):  # type: ignore[misc]
     Request = "mcard_tasks.deadletter:DeadLetterRequest"
     # Celery's own signature check would raise TypeError before our clearer messages.
     typing = False
+    #: The task kind (set per task by mcard_tasks.tasks.task_for).
+    spec: TaskSpec
+
+    def validate(self, fields: dict[str, Any]) -> Payload:
+        """The request's payload; InvalidRequestError names each field and rule."""
+        return validate_fields(self.spec.payload, fields)
 
     def apply_async(
         self,
@@ -80,7 +87,7 @@ class RequestTask(Task):  # type: ignore[misc]
         request_id = resolve_request_id(fields.pop("request_id", None), task_id)
         if args:
             raise InvalidRequestError(["args: pass the request's fields as keyword arguments"])
-        payload = validate_payload(self.name, fields)
+        payload = self.validate(fields)
         # A generated ID cannot conflict; a retry of the running task is the same request.
         check = given is not None and request_id != self.request.id
         settings = settings_of(self.app)
@@ -137,10 +144,10 @@ class RequestTask(Task):  # type: ignore[misc]
             if args:
                 raise InvalidRequestError(["args: positional arguments are not accepted"])
             check_request_id(self.request.id)
-            payload = validate_payload(self.name, kwargs)
+            payload = self.validate(kwargs)
         except InvalidRequestError as exc:
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
-        return self.run(**payload.model_dump())
+        return self.record(payload)
 
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """A transient failure is worth a warning, whether or not per-task lines are logged."""
@@ -158,8 +165,10 @@ class RequestTask(Task):  # type: ignore[misc]
         settings = settings_of(self.app)
         ledger = get_ledger(settings.database_url)
         try:
-            outcome = ledger.apply(self.name, self.request.id, payload, configured_issuer(settings))
+            outcome_json = ledger.apply(
+                self.name, self.request.id, payload, configured_issuer(settings)
+            )
         except ConflictError as exc:
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
-        result: dict[str, Any] = json.loads(outcome)
-        return result  # with MCARD_LOG_TASKS, Celery logs it: "Task ...[<request ID>] succeeded"
+        outcome: dict[str, Any] = json.loads(outcome_json)
+        return outcome  # with MCARD_LOG_TASKS, Celery logs it: "Task ...[<request ID>] succeeded"

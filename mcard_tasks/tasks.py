@@ -1,43 +1,44 @@
-"""The three tasks: thin wrappers that hand a validated request to the ledger."""
+"""The tasks: one per registered task kind (mcard_tasks.specs), each a thin wrapper that hands
+a validated request to the ledger (mcard_tasks.producer.RequestTask does both sides)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from celery import Celery
+
 from mcard_tasks.application import app
-from mcard_tasks.payloads import MintRequest, SingleBurnRequest, SingleMintRequest
 from mcard_tasks.producer import RequestTask
+from mcard_tasks.specs import SPECS, TaskSpec
 
-__all__ = ["mint", "single_burn", "single_mint"]
-
-OPTIONS: dict[str, Any] = {
-    "base": RequestTask,
-    "bind": True,
-    "max_retries": app.settings.max_retries,
-}
+__all__ = ["TASKS", "mint", "single_burn", "single_mint", "task_for"]
 
 
-@app.task(name="mcard.single_mint", **OPTIONS)
-def single_mint(
-    self: RequestTask, card_id: str, owner: str, metadata: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Issue one card to owner."""
-    return self.record(SingleMintRequest(card_id=card_id, owner=owner, metadata=metadata))
+def task_for(app: Celery, spec: TaskSpec) -> RequestTask:
+    """The Celery task of a task kind on app, named and routed by its spec."""
+
+    def run(self: RequestTask, **fields: Any) -> dict[str, Any]:
+        return self.record(self.validate(fields))
+
+    run.__doc__ = spec.doc
+    task: RequestTask = app.task(
+        name=spec.name,
+        base=RequestTask,
+        bind=True,
+        spec=spec,
+        max_retries=app.settings.max_retries,
+    )(run)
+    return task
 
 
-@app.task(name="mcard.mint", **OPTIONS)
-def mint(
-    self: RequestTask, owner: str, card_ids: list[str], metadata: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Issue a batch of distinct cards to one owner, all or nothing."""
-    return self.record(MintRequest(owner=owner, card_ids=card_ids, metadata=metadata))
-
-
-@app.task(name="mcard.single_burn", **OPTIONS)
-def single_burn(self: RequestTask, card_id: str, owner: str) -> dict[str, Any]:
-    """Destroy a card that owner holds."""
-    return self.record(SingleBurnRequest(card_id=card_id, owner=owner))
-
+#: Every task of this app, by name.
+TASKS: dict[str, RequestTask] = {name: task_for(app, spec) for name, spec in SPECS.items()}
+#: The built-in kinds, by the names applications import.
+mint, single_mint, single_burn = (
+    TASKS["mcard.mint"],
+    TASKS["mcard.single_mint"],
+    TASKS["mcard.single_burn"],
+)
 
 # Bind the tasks now, in the importing thread, while the import lock keeps every other thread
 # out of this module. Left to Celery, each decorated task is a lazy proxy that builds and binds

@@ -21,12 +21,12 @@ from kombu.entity import Exchange, Queue
 
 from mcard_tasks.config import Settings
 from mcard_tasks.errors import TopologyDriftError
+from mcard_tasks.specs import task_names
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
     "EVENTS_EXCHANGE",
     "EXCHANGE",
-    "TASK_NAMES",
     "Topology",
     "build_topology",
     "dlq_name",
@@ -36,9 +36,6 @@ __all__ = [
 EXCHANGE_NAME = "mcard"
 DEAD_LETTER_EXCHANGE_NAME = "mcard.dlx"
 EVENTS_EXCHANGE_NAME = "mcard.events"
-
-#: The task names; each is also its queue's name and its routing key (the legacy contract).
-TASK_NAMES: tuple[str, ...] = ("mcard.mint", "mcard.single_mint", "mcard.single_burn")
 
 # Topic, not direct: Celery's native delayed delivery (countdown retries on quorum queues)
 # only binds topic exchanges. Routing keys without wildcards still match exactly.
@@ -86,7 +83,7 @@ class Topology:
     @property
     def routes(self) -> dict[str, dict[str, str]]:
         """Celery's task_routes: each task to the queue of its own name."""
-        return {name: {"queue": name, "routing_key": name} for name in TASK_NAMES}
+        return {name: {"queue": name, "routing_key": name} for name in task_names()}
 
     def queue(self, name: str) -> Queue:
         for queue in self.task_queues + self.dead_letter_queues:
@@ -139,7 +136,7 @@ def build_topology(settings: Settings) -> Topology:
             auto_delete=False,
             queue_arguments=task_queue_arguments(name, queue_type, delivery_limit),
         )
-        for name in TASK_NAMES
+        for name in task_names()
     )
     dead_letter_queues = tuple(
         Queue(
@@ -150,6 +147,6 @@ def build_topology(settings: Settings) -> Topology:
             auto_delete=False,
             queue_arguments={"x-queue-type": queue_type},
         )
-        for name in TASK_NAMES
+        for name in task_names()
     )
     return Topology(task_queues=task_queues, dead_letter_queues=dead_letter_queues)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from mcard_tasks.application import app
-from mcard_tasks.topology import TASK_NAMES
+from mcard_tasks.specs import task_names
 
 
 def worker_argv(extra: list[str]) -> list[str]:
@@ -21,7 +21,7 @@ def worker_argv(extra: list[str]) -> list[str]:
         f"--loglevel={settings.log_level}",
         f"--concurrency={settings.concurrency}",
         f"--pool={settings.pool}",
-        f"--queues={','.join(TASK_NAMES)}",
+        f"--queues={','.join(task_names())}",
         "--task-events",
         *extra,
     ]

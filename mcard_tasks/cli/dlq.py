@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from mcard_tasks.topology import TASK_NAMES
+from mcard_tasks.specs import task_names
 
 __all__ = ["COMMANDS"]
 
-queue_argument = click.argument("queue", type=click.Choice(TASK_NAMES))
+queue_argument = click.argument("queue", type=click.Choice(task_names()))
 
 
 @click.group("dlq")

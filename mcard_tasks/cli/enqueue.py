@@ -1,89 +1,85 @@
-"""Enqueue commands: one per request kind."""
+"""Enqueue commands: one per registered task kind, its options derived from the kind's payload
+model (a text field is ``--field-name``, a list field ``--singular`` repeated, a JSON object a
+JSON text)."""
 
 from __future__ import annotations
 
 import json
+import typing
 from typing import Any
 
 import click
 
 from mcard_tasks.errors import InvalidRequestError
+from mcard_tasks.specs import SPECS, TaskSpec
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "enqueue_command"]
 
 
-def _metadata(value: str | None) -> dict[str, Any] | None:
+def _parse_json(field: str, value: str | None) -> Any:
     if value is None:
         return None
     try:
-        parsed = json.loads(value)
+        return json.loads(value)
     except json.JSONDecodeError as exc:
-        raise InvalidRequestError([f"metadata: must be JSON ({exc.msg})"]) from None
-    return parsed  # type: ignore[no-any-return]
+        raise InvalidRequestError([f"{field}: must be JSON ({exc.msg})"]) from None
 
 
-def _send(task_name: str, request_id: str | None, wait: float | None, **fields: Any) -> None:
-    from mcard_tasks import tasks
-
-    task = getattr(tasks, task_name)
-    result = task.delay(request_id=request_id, **{k: v for k, v in fields.items() if v is not None})
-    click.echo(f"queued {task.name} request_id={result.id}")
-    if wait:
-        click.echo(json.dumps(result.get(timeout=wait, interval=0.1), sort_keys=True))
-
-
-request_id_option = click.option("--request-id", help="Idempotency key; a new UUID when omitted.")
-wait_option = click.option(
-    "--wait",
-    type=float,
-    default=None,
-    metavar="SECONDS",
-    help="Wait this long for the outcome and print it.",
-)
-
-
-@click.command("single-mint")
-@click.option("--card-id", required=True)
-@click.option("--owner", required=True)
-@click.option("--metadata", help="A JSON object stored with the card.")
-@request_id_option
-@wait_option
-def single_mint(
-    card_id: str, owner: str, metadata: str | None, request_id: str | None, wait: float | None
-) -> None:
-    """Enqueue the minting of one card."""
-    _send(
-        "single_mint", request_id, wait, card_id=card_id, owner=owner, metadata=_metadata(metadata)
+def _is(annotation: Any, kind: type) -> bool:
+    """Whether a field's annotation is kind, or kind | None."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) else ()
+    return typing.get_origin(annotation) is kind or any(
+        typing.get_origin(option) is kind or option is kind for option in options
     )
 
 
-@click.command("mint")
-@click.option("--owner", required=True)
-@click.option("--card-id", "card_ids", multiple=True, required=True, help="Repeat per card.")
-@click.option("--metadata", help="A JSON object stored with each card.")
-@request_id_option
-@wait_option
-def mint(
-    owner: str,
-    card_ids: tuple[str, ...],
-    metadata: str | None,
-    request_id: str | None,
-    wait: float | None,
-) -> None:
-    """Enqueue the minting of a batch of cards, all or nothing."""
-    _send(
-        "mint", request_id, wait, owner=owner, card_ids=list(card_ids), metadata=_metadata(metadata)
-    )
+def _option(name: str, annotation: Any, required: bool) -> tuple[click.Option, str]:
+    """The click option of one payload field, and how its value is read ("text", "list"
+    or "json")."""
+    flag = "--" + name.replace("_", "-")
+    if _is(annotation, list):
+        singular = flag.removesuffix("s")
+        return click.Option(
+            [singular, name], multiple=True, required=required, help="Repeat for each."
+        ), "list"
+    if _is(annotation, dict):
+        return click.Option([flag, name], required=required, help="A JSON object."), "json"
+    return click.Option([flag, name], required=required), "text"
 
 
-@click.command("burn")
-@click.option("--card-id", required=True)
-@click.option("--owner", required=True)
-@request_id_option
-@wait_option
-def burn(card_id: str, owner: str, request_id: str | None, wait: float | None) -> None:
-    """Enqueue the burning of a card held by owner."""
-    _send("single_burn", request_id, wait, card_id=card_id, owner=owner)
+def enqueue_command(spec: TaskSpec) -> click.Command:
+    """The ``mcard-tasks`` command that enqueues one request of a task kind."""
+    fields = spec.payload.model_fields
+    options = {name: _option(name, f.annotation, f.is_required()) for name, f in fields.items()}
+
+    def send(request_id: str | None, wait: float | None, **given: Any) -> None:
+        from mcard_tasks.tasks import TASKS
+
+        values: dict[str, Any] = {}
+        for name, (_, kind) in options.items():
+            value: Any = given[name]
+            if kind == "list":
+                value = list(value)
+            elif kind == "json":
+                value = _parse_json(name, value)
+            if value not in (None, []):
+                values[name] = value
+        result = TASKS[spec.name].delay(request_id=request_id, **values)
+        click.echo(f"queued {spec.name} request_id={result.id}")
+        if wait:
+            click.echo(json.dumps(result.get(timeout=wait, interval=0.1), sort_keys=True))
+
+    params: list[click.Parameter] = [option for option, _ in options.values()]
+    params += [
+        click.Option(["--request-id"], help="Idempotency key; a new UUID when omitted."),
+        click.Option(
+            ["--wait"],
+            type=float,
+            metavar="SECONDS",
+            help="Wait this long for the outcome and print it.",
+        ),
+    ]
+    return click.Command(spec.command, callback=send, params=params, help=f"Enqueue: {spec.doc}")
 
 
-COMMANDS = [single_mint, mint, burn]
+COMMANDS = [enqueue_command(spec) for spec in SPECS.values()]

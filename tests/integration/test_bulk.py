@@ -22,8 +22,9 @@ from mcard_tasks.bulk import InvalidLinesError, enqueue_many, parse_request
 from mcard_tasks.cli import main
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.models import Operation
+from mcard_tasks.specs import task_names
 from mcard_tasks.tasks import mint, single_burn, single_mint
-from mcard_tasks.topology import TASK_NAMES, dlq_name
+from mcard_tasks.topology import dlq_name
 from tests.fixtures import Worker, wait_for
 
 pytestmark = pytest.mark.integration
@@ -153,7 +154,7 @@ def test_a_bulk_import_lands_every_request_once_and_a_rerun_changes_nothing(
         single_mint.delay(card_id=card, owner="holder").get(timeout=TIMEOUT)
     taken_before = spy.count()
     # Earlier tests of the session may have left dead letters: only new ones count.
-    dead_before = {name: spy.count(dlq_name(name)) for name in TASK_NAMES}
+    dead_before = {name: spy.count(dlq_name(name)) for name in task_names()}
     lines = []
     for i in range(200):  # half with a request ID, half with one derived from the line
         document = {"task": "single_mint", "card_id": new_id("card"), "owner": f"o{i % 7}"}
@@ -196,7 +197,7 @@ def test_a_bulk_import_lands_every_request_once_and_a_rerun_changes_nothing(
     settle_every_queue()
     assert raw_outcomes(request_ids) == first
     spy.take()
-    for name in TASK_NAMES:
+    for name in task_names():
         assert spy.count(dlq_name(name)) == dead_before[name], f"dead letters in {dlq_name(name)}"
 
 

@@ -30,7 +30,7 @@ from mcard_tasks.cli import main
 from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.errors import InvalidRequestError
 from mcard_tasks.ledger import get_ledger
-from mcard_tasks.payloads import validate_payload
+from mcard_tasks.specs import validate_payload
 from tests.fixtures import use_ledger
 
 

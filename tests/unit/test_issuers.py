@@ -17,7 +17,7 @@ from mcard_tasks.issuers import (
 )
 from mcard_tasks.ledger import Ledger
 from mcard_tasks.models import OutboxEvent
-from mcard_tasks.payloads import validate_payload
+from mcard_tasks.specs import validate_payload
 
 SINGLE_MINT, BURN = "mcard.single_mint", "mcard.single_burn"
 

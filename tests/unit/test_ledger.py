@@ -9,7 +9,7 @@ import pytest
 
 from mcard_tasks.errors import ConflictError
 from mcard_tasks.ledger import Ledger
-from mcard_tasks.payloads import validate_payload
+from mcard_tasks.specs import validate_payload
 
 MINT, SINGLE_MINT, BURN = "mcard.mint", "mcard.single_mint", "mcard.single_burn"
 

@@ -11,9 +11,9 @@ from mcard_tasks.payloads import (
     canonical_json,
     check_request_id,
     fingerprint,
-    validate_payload,
 )
 from mcard_tasks.producer import resolve_request_id
+from mcard_tasks.specs import validate_payload
 
 MINT, SINGLE_MINT, BURN = "mcard.mint", "mcard.single_mint", "mcard.single_burn"
 

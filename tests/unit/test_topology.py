@@ -9,12 +9,13 @@ from celery.app import defaults as celery_defaults
 
 from mcard_tasks.application import celery_config, create_app
 from mcard_tasks.config import Settings
-from mcard_tasks.topology import TASK_NAMES, build_topology
+from mcard_tasks.specs import task_names
+from mcard_tasks.topology import build_topology
 
 
 def test_each_task_has_its_own_durable_queue_bound_by_its_name() -> None:
     topology = build_topology(Settings())
-    assert [q.name for q in topology.task_queues] == list(TASK_NAMES)
+    assert [q.name for q in topology.task_queues] == list(task_names())
     for queue in topology.task_queues:
         assert queue.exchange.name == "mcard" and queue.exchange.type == "topic"
         assert queue.routing_key == queue.name and queue.durable and not queue.auto_delete

@@ -1,0 +1,156 @@
+"""One spec per task kind: everything mcard-tasks knows of a kind, named once.
+
+The registry plays the part of the seed's ``QUEUE_PUBLISHERS``: each kind is written down once
+(its name, payload model, rule, the cards it touches, how the issuer is called) and the
+topology, the routes, validation, the ledger, the tasks, the command line and the bulk import
+all derive from it. A new kind is one ``register(TaskSpec(...))`` before the app is created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mcard_tasks.errors import InvalidRequestError
+from mcard_tasks.issuers import Issuer
+from mcard_tasks.payloads import (
+    MintRequest,
+    Payload,
+    SingleBurnRequest,
+    SingleMintRequest,
+    validate_fields,
+)
+from mcard_tasks.rules import BURN_ONE_EFFECT, MINT_ONE_EFFECT, Rule, burn_card, mint_cards
+
+__all__ = ["PREFIX", "SPECS", "TaskSpec", "register", "spec_for", "task_names", "validate_payload"]
+
+#: Every task name starts with it; the bulk import accepts names without it.
+PREFIX = "mcard."
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task kind.
+
+    name: the Celery task name, which is also its queue's name and routing key.
+    payload: the pydantic model of its keyword arguments (validation, at producer and worker).
+    rule: decides and applies the effect in the ledger's transaction (mcard_tasks.rules).
+    cards: the cards a request touches (the outcome object lists them; an external issuer's
+        completion finalizes them).
+    issue: asks an external issuer for the effect, with the request ID as idempotency key.
+    pending_status, final_status: the cards' status while an external issuer works, and after.
+    command: the ``mcard-tasks`` command that enqueues it.
+    doc: one line, for the task and the command's help.
+    fast_effect: PostgreSQL SQL applying the success of a new request on one card, for the
+        ledger's one-statement path (None: the general path always decides).
+    json_fields: payload fields bound as JSON in fast_effect.
+    """
+
+    name: str
+    payload: type[Payload]
+    rule: Rule
+    cards: Callable[[Any], list[str]]
+    issue: Callable[[Issuer, str, Any], None]
+    pending_status: str
+    final_status: str
+    command: str
+    doc: str
+    fast_effect: str | None = None
+    json_fields: tuple[str, ...] = ()
+
+    @property
+    def short_name(self) -> str:
+        """The name without ``mcard.``, as the bulk import's ``task`` key and the task's
+        attribute in mcard_tasks.tasks."""
+        return self.name.removeprefix(PREFIX)
+
+
+#: The registry: task name -> spec, in registration order.
+SPECS: dict[str, TaskSpec] = {}
+
+
+def register(spec: TaskSpec) -> TaskSpec:
+    """Add a task kind. Raises ValueError for a name that is taken or not ``mcard.<word>``."""
+    if not spec.name.startswith(PREFIX) or not spec.short_name.isidentifier():
+        raise ValueError(f"task name {spec.name!r}: must be {PREFIX}<identifier>")
+    if spec.name in SPECS:
+        raise ValueError(f"task name {spec.name!r} is registered already")
+    SPECS[spec.name] = spec
+    return spec
+
+
+def task_names() -> tuple[str, ...]:
+    """Every registered task name (each also its queue's name and routing key)."""
+    return tuple(SPECS)
+
+
+def spec_for(name: str) -> TaskSpec:
+    """The spec of a task name. Raises InvalidRequestError naming the known ones."""
+    spec = SPECS.get(name)
+    if spec is None:
+        known = ", ".join(SPECS)
+        raise InvalidRequestError([f"task: unknown task {name!r} (known: {known})"])
+    return spec
+
+
+def validate_payload(task: str, kwargs: dict[str, Any]) -> Payload:
+    """Validate a task's keyword arguments; InvalidRequestError names the unknown task, or
+    each field and rule."""
+    return validate_fields(spec_for(task).payload, kwargs)
+
+
+def _issue_cards(issuer: Issuer, request_id: str, payload: MintRequest | SingleMintRequest) -> None:
+    issuer.issue(request_id, payload.owner, _minted(payload), payload.metadata)
+
+
+def _minted(payload: MintRequest | SingleMintRequest) -> list[str]:
+    return payload.card_ids if isinstance(payload, MintRequest) else [payload.card_id]
+
+
+def _destroy_card(issuer: Issuer, request_id: str, payload: SingleBurnRequest) -> None:
+    issuer.destroy(request_id, payload.owner, payload.card_id)
+
+
+register(
+    TaskSpec(
+        name="mcard.mint",
+        payload=MintRequest,
+        rule=mint_cards,
+        cards=_minted,
+        issue=_issue_cards,
+        pending_status="minting",
+        final_status="active",
+        command="mint",
+        doc="Issue a batch of distinct cards to one owner, all or nothing.",
+    )
+)
+register(
+    TaskSpec(
+        name="mcard.single_mint",
+        payload=SingleMintRequest,
+        rule=mint_cards,
+        cards=_minted,
+        issue=_issue_cards,
+        pending_status="minting",
+        final_status="active",
+        command="single-mint",
+        doc="Issue one card to owner.",
+        fast_effect=MINT_ONE_EFFECT,
+        json_fields=("metadata",),
+    )
+)
+register(
+    TaskSpec(
+        name="mcard.single_burn",
+        payload=SingleBurnRequest,
+        rule=burn_card,
+        cards=lambda payload: [payload.card_id],
+        issue=_destroy_card,
+        pending_status="burning",
+        final_status="burned",
+        command="burn",
+        doc="Destroy a card that owner holds.",
+        fast_effect=BURN_ONE_EFFECT,
+    )
+)

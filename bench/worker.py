@@ -7,8 +7,8 @@ Run on demand (not part of the test suite)::
 Everything runs in a temporary RabbitMQ vhost (rabbitmqctl add_vhost / delete_vhost) and a
 temporary PostgreSQL database (created and dropped with psycopg on MCARD_BENCH_POSTGRES,
 default postgresql://postgres@127.0.0.1:5432/postgres). Workers are real subprocesses
-(``python -m worker``; the baseline ``celery -A bench.bare_app worker``), each stopped with
-SIGTERM then SIGKILL, whatever happens.
+(``python -m mcard_tasks.worker``, i.e. ``mcard-tasks worker``; the baseline
+``celery -A bench.bare_app worker``), each stopped with SIGTERM then SIGKILL, whatever happens.
 
 1. Drain rate: N ``mcard.single_mint`` requests are enqueued with no worker running; a worker
    starts, and the time runs from its first ping answer until all N outcomes are in the
@@ -448,7 +448,7 @@ class Bench:
         )
         worker = WorkerProcess(
             name,
-            [sys.executable, "-m", "worker"],
+            [sys.executable, "-m", "mcard_tasks.worker"],
             env,
             self.workdir / f"{label}-{len(self.workers)}.log",
             lambda names, timeout: self.app.control.ping(destination=names, timeout=timeout),

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,11 @@ PG_ADMIN_URL = os.environ.get(
     "MCARD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 ROOT = Path(__file__).resolve().parent.parent
+#: How a Worker runs by default: the worker of ``mcard-tasks worker``, by module, from ROOT
+#: (so tests.crash_tasks is importable with ``--include``).
+WORKER_COMMAND = (sys.executable, "-m", "mcard_tasks.worker")
+#: The console script installed beside this interpreter.
+CONSOLE_SCRIPT = Path(sys.executable).parent / "mcard-tasks"
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
@@ -177,13 +182,15 @@ def fresh_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
 
 @dataclass
 class Worker:
-    """A real worker subprocess (`python -m worker`) with its own node name."""
+    """A real worker subprocess (command, then extra: Celery's worker options) with its own
+    node name."""
 
     name: str
     env: dict[str, str]
     log: Path
     process: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=lambda: list(WORKER_COMMAND))
 
     @property
     def node(self) -> str:
@@ -193,7 +200,7 @@ class Worker:
         """Start the process without waiting for it."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker", *self.extra],
+                [*self.command, *self.extra],
                 cwd=ROOT,
                 env=self.env,
                 stdout=out,
@@ -253,7 +260,14 @@ def worker_factory(
     started: list[Worker] = []
     logs = tmp_path_factory.mktemp("workers")
 
-    def build(database_url: str, label: str, *extra: str, **settings: str) -> Worker:
+    def build(
+        database_url: str,
+        label: str,
+        *extra: str,
+        command: Sequence[str] = WORKER_COMMAND,
+        **settings: str,
+    ) -> Worker:
+        """A worker running command (default WORKER_COMMAND) with extra and MCARD_* settings."""
         env = dict(os.environ, MCARD_DATABASE_URL=database_url)
         # A line per task run: the cluster tests count runs, and failures read better.
         settings.setdefault("log_tasks", "true")
@@ -261,7 +275,11 @@ def worker_factory(
         env.update({f"MCARD_{k.upper()}": str(v) for k, v in settings.items()})
         env["MCARD_WORKER_NAME"] = name
         worker = Worker(
-            name=name, env=env, log=logs / f"{label}-{len(started)}.log", extra=list(extra)
+            name=name,
+            env=env,
+            log=logs / f"{label}-{len(started)}.log",
+            extra=list(extra),
+            command=list(command),
         )
         started.append(worker)
         return worker
@@ -276,7 +294,7 @@ def make_worker(worker_factory: Callable[..., Worker]) -> Iterator[Callable[...,
     """Build workers for one test; each is stopped when the test ends, pass or fail."""
     mine: list[Worker] = []
 
-    def build(*args: str, **settings: str) -> Worker:
+    def build(*args: str, **settings: Any) -> Worker:
         worker = worker_factory(*args, **settings)
         mine.append(worker)
         return worker

@@ -1,1 +1,4 @@
-"""The mcard-tasks worker process (``python -m worker``)."""
+"""The deployment folder of the worker (Dockerfile, entrypoint); not an installed package.
+
+``python -m worker`` from a checkout runs ``mcard_tasks.worker``, like ``mcard-tasks worker``.
+"""

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Entrypoint of the mcard-tasks image.
 #
-#   worker [ARGS...]   the Celery worker (python -m worker), ARGS passed to it (default)
+#   worker [ARGS...]   the Celery worker (mcard-tasks worker), ARGS passed to it (default)
 #   -OPTION ...        the worker with these options
 #   flower [ARGS...]   Flower on 0.0.0.0:5555, basic auth from MCARD_FLOWER_USER/PASSWORD
 #   anything else      run as given (e.g. `mcard-tasks health`, `sh`)
@@ -15,7 +15,7 @@ if [ "$#" -gt 0 ]; then shift; fi
 
 case "$role" in
     worker)
-        exec python -m worker "$@"
+        exec mcard-tasks worker "$@"
         ;;
     flower)
         # The app maps MCARD_FLOWER_USER/PASSWORD to Flower's basic auth (FLOWER_BASIC_AUTH,
@@ -24,7 +24,7 @@ case "$role" in
         ;;
     -*)
         # Options only (e.g. `--loglevel=DEBUG`): they are the worker's.
-        exec python -m worker "$role" "$@"
+        exec mcard-tasks worker "$role" "$@"
         ;;
     *)
         exec "$role" "$@"

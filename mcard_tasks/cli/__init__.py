@@ -58,9 +58,19 @@ def main() -> None:
 
 
 def _register() -> None:
-    from mcard_tasks.cli import bulk, demo, dlq, enqueue, events, health, status, topology
+    from mcard_tasks.cli import (
+        bulk,
+        demo,
+        dlq,
+        enqueue,
+        events,
+        health,
+        status,
+        topology,
+        worker,
+    )
 
-    for module in (enqueue, bulk, status, topology, dlq, events, health, demo):
+    for module in (enqueue, bulk, status, topology, dlq, events, health, demo, worker):
         for command in module.COMMANDS:
             main.add_command(command)
 

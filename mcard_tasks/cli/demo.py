@@ -38,7 +38,7 @@ def _wait(results: list[AsyncResult], timeout: float) -> list[dict[str, Any]]:
     except ResultTimeout:
         raise click.ClickException(
             f"no outcome within {timeout:.0f} s: is a worker running? Start one with"
-            " `python -m worker` (same MCARD_* settings as this shell)"
+            " `mcard-tasks worker` (same MCARD_* settings as this shell)"
         ) from None
 
 

@@ -78,7 +78,7 @@ def health(timeout: float) -> None:
         answers = app.control.ping(timeout=timeout)
         if not answers:
             raise RuntimeError(
-                f"no worker answered within {timeout:.0f} s; start `python -m worker`"
+                f"no worker answered within {timeout:.0f} s; start `mcard-tasks worker`"
             )
         return ", ".join(sorted(name for answer in answers for name in answer))
 

@@ -1,7 +1,7 @@
 """Beyond one machine: a 3-node RabbitMQ cluster, quorum leader failover, several workers.
 
 The module starts the local cluster of scripts/rabbitmq-cluster (and always stops it, which
-removes its folders), runs two `python -m worker` processes and a producer subprocess on the
+removes its folders), runs two `mcard-tasks worker` processes and a producer subprocess on the
 failover list MCARD_BROKER_URL="url1;url2;url3" with one PostgreSQL ledger, and takes the
 leader of the task queue away mid-stream: stopped (`stop_app`), then killed (SIGKILL). Every
 request must end exactly once with its true outcome, with no process restarted but the node.

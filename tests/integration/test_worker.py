@@ -1,4 +1,4 @@
-"""The worker process: shared broker connections, and malformed messages set aside."""
+"""The worker process: its entry point, shared broker connections, malformed messages set aside."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import pytest
 from mcard_tasks import app
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.tasks import single_mint
-from tests.fixtures import Worker, broker_connections, drain_dlq, use_ledger, wait_for
+from tests.fixtures import (
+    CONSOLE_SCRIPT,
+    Worker,
+    broker_connections,
+    drain_dlq,
+    use_ledger,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -62,3 +69,20 @@ def test_a_malformed_request_is_dead_lettered_and_the_worker_goes_on(
     assert get_ledger(app.settings.database_url).outcome(bad_id) is None
     assert stack.process is not None and stack.process.poll() is None
     assert stack.stop() == 0
+
+
+def test_the_mcard_tasks_worker_command_runs_the_worker_and_passes_celery_options_through(
+    sqlite_url: str, make_worker: Callable[..., Worker]
+) -> None:
+    # The installed console script, as the image's entrypoint runs it (no checkout on its path).
+    worker = make_worker(
+        sqlite_url, "console", "--concurrency=3", command=[str(CONSOLE_SCRIPT), "worker"]
+    ).start()
+    use_ledger(sqlite_url)
+    card_id = f"c-{uuid.uuid4().hex}"
+    outcome = single_mint.delay(card_id=card_id, owner="o").get(timeout=20, interval=0.05)
+    assert (outcome["outcome"], outcome["card_ids"]) == ("succeeded", [card_id])
+    # The extra option reached Celery and won over MCARD_CONCURRENCY's default of 8.
+    stats = app.control.inspect(destination=[worker.node], timeout=5).stats() or {}
+    assert stats[worker.node]["pool"]["max-concurrency"] == 3, stats
+    assert worker.stop() == 0, "SIGTERM is a warm shutdown, exit 0"

@@ -84,7 +84,7 @@ class Paths:
         from kombu import Queue
 
         from mcard_tasks import app
-        from mcard_tasks.bulk import Request, task_message
+        from mcard_tasks.messages import task_message
         from mcard_tasks.payloads import validate_payload
         from mcard_tasks.tasks import single_mint
         from mcard_tasks.topology import TASK_NAMES, build_topology
@@ -124,9 +124,9 @@ class Paths:
         )
         # The raw path publishes the very message shape delay() publishes.
         fields = {"card_id": "c", "owner": "o"}
-        sample = Request("mcard.single_mint", "r-0", validate_payload("mcard.single_mint", fields))
-        self.raw_headers, properties, _ = task_message(app, sample)
-        self.raw_properties = properties
+        payload = validate_payload("mcard.single_mint", fields)
+        sample = task_message(app, task="mcard.single_mint", request_id="r-0", payload=payload)
+        self.raw_headers, self.raw_properties = sample.headers, sample.properties
 
     def _kombu_channel(self) -> Any:
         connection = self.app.connection_for_write()

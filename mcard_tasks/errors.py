@@ -1,14 +1,27 @@
-"""The error tree of mcard-tasks: one root, and a class per thing that can go wrong."""
+"""The error tree of mcard-tasks: one root, and a class per thing that can go wrong.
+
+The one class outside the root is :class:`ImportInterrupted`, a Ctrl-C (see its docstring).
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
+if TYPE_CHECKING:  # only for the annotations: errors.py imports nothing heavy at runtime
+    from mcard_tasks.bulk.report import ImportReport
+
 __all__ = [
+    "BrokerFailureError",
     "BrokerUnavailableError",
+    "BulkImportError",
     "ConfigurationError",
     "ConflictError",
+    "ImportInterrupted",
+    "InvalidLinesError",
     "InvalidRequestError",
+    "LedgerFailureError",
     "LedgerUnavailableError",
     "LedgerWaitTimeoutError",
     "MCardError",
@@ -24,9 +37,11 @@ class MCardError(Exception):
 class InvalidRequestError(MCardError, ValueError):
     """Raised when a request's fields break the contract (the message names field and rule)."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], *, message: str | None = None, **kwargs: Any) -> None:
+        """message: a summary instead of the problems joined; kwargs go on to the next class
+        of a subclass's MRO (InvalidLinesError's report goes to BulkImportError)."""
         self.problems = problems
-        super().__init__("invalid request: " + "; ".join(problems))
+        super().__init__(message or "invalid request: " + "; ".join(problems), **kwargs)
 
 
 class ConflictError(MCardError):
@@ -66,3 +81,42 @@ class BrokerUnavailableError(MCardError):
 
 class TopologyDriftError(MCardError):
     """Raised when a queue or exchange on the broker differs from the declared topology."""
+
+
+class BulkImportError(MCardError):
+    """Raised when an import stops early; ``report`` tells what was confirmed."""
+
+    def __init__(self, message: str, report: ImportReport) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+class InvalidLinesError(InvalidRequestError, BulkImportError):
+    """Raised when lines are invalid (or conflict) and skip_invalid is off: nothing published."""
+
+    def __init__(self, report: ImportReport) -> None:
+        more = f" (and {report.invalid - 5} more)" if report.invalid > 5 else ""
+        first = "; ".join(report.errors[:5])
+        summary = f"{report.invalid} invalid lines, nothing published: {first}{more}"
+        super().__init__(list(report.errors), message=summary, report=report)
+
+
+class BrokerFailureError(BulkImportError, BrokerUnavailableError):
+    """Raised when an import meets a broker failure, a confirm timeout or nacked requests."""
+
+
+class LedgerFailureError(BulkImportError, LedgerUnavailableError):
+    """Raised when the ledger cannot be read for the conflict check during an import."""
+
+
+class ImportInterrupted(KeyboardInterrupt):
+    """Raised when an import is interrupted (Ctrl-C); ``report`` tells what was confirmed.
+
+    A KeyboardInterrupt on purpose, outside MCardError: a Ctrl-C must stay one, so that no
+    ``except Exception`` (or ``except MCardError``) swallows it on its way up and, uncaught, it
+    still ends the program as a Ctrl-C does; only a caller that asks for it gets the report.
+    """
+
+    def __init__(self, report: ImportReport) -> None:
+        self.report = report
+        super().__init__("import interrupted")

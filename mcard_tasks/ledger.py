@@ -412,6 +412,15 @@ class Ledger:
                 connection.close()
         return None if row is None else (str(row[0]), str(row[1]), str(row[2]))
 
+    def fingerprints(self, request_ids: list[str]) -> dict[str, str]:
+        """The recorded fingerprints of those request IDs the ledger holds (one query; read
+        only, so on SQLite it never takes the write lock the workers wait for)."""
+        query = select(OPERATIONS.c.request_id, OPERATIONS.c.fingerprint).where(
+            OPERATIONS.c.request_id.in_(request_ids)
+        )
+        with _unavailable(), self._reader.connect() as connection:
+            return {row[0]: row[1] for row in connection.execute(query)}
+
     def outcome(self, request_id: str) -> dict[str, Any] | None:
         """The recorded outcome object of a request ID, or None."""
         known = self._read(lambda session: session.get(Operation, request_id))

@@ -32,6 +32,7 @@ from mcard_tasks.errors import (
 )
 from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
+from mcard_tasks.messages import PERSISTENT, published_kwargs
 from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.sent_events import sent_events
 from mcard_tasks.specs import TaskSpec
@@ -103,11 +104,10 @@ class RequestTask(Task):  # type: ignore[misc]
         # Flower's task-sent event (task_send_sent_event) goes out unconfirmed, on the task's
         # connection: one confirmed round trip per call, the task's (see sent_events.py).
         options.setdefault("event_dispatcher", sent_events(self.app))
+        # What the message is (messages.py, shared with the bulk import); Celery builds it.
+        options.setdefault("delivery_mode", PERSISTENT)
         publish = partial(
-            super().apply_async,
-            args=(),
-            kwargs=payload.model_dump(exclude_unset=True),
-            task_id=request_id,
+            super().apply_async, args=(), kwargs=published_kwargs(payload), task_id=request_id
         )
         if options.get("producer") is not None:  # the caller manages its own producer
             return publish(**options)

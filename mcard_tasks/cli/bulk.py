@@ -12,7 +12,7 @@ import click
 from mcard_tasks.cli import EXIT_BROKER, EXIT_INVALID, EXIT_LEDGER
 
 if TYPE_CHECKING:
-    from mcard_tasks.bulk import ImportReport
+    from mcard_tasks.bulk.report import ImportReport
 
 __all__ = ["COMMANDS", "EXIT_INTERRUPTED"]
 
@@ -83,12 +83,12 @@ def import_command(file: Path, skip_invalid: bool) -> None:
     the broker. Re-running a file is safe: requests are idempotent by request ID.
     Exit 4 on a broker failure, 130 on Ctrl-C, both with the count of confirmed requests.
     """
-    from mcard_tasks.bulk import (
+    from mcard_tasks.bulk import enqueue_many
+    from mcard_tasks.errors import (
         BrokerFailureError,
         ImportInterrupted,
         InvalidLinesError,
         LedgerFailureError,
-        enqueue_many,
     )
 
     try:

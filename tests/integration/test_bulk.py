@@ -18,8 +18,10 @@ from kombu import Connection
 from sqlalchemy import select
 
 from mcard_tasks import app
-from mcard_tasks.bulk import InvalidLinesError, enqueue_many, parse_request
+from mcard_tasks.bulk import enqueue_many
+from mcard_tasks.bulk.lines import parse_request
 from mcard_tasks.cli import main
+from mcard_tasks.errors import InvalidLinesError
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.models import Operation
 from mcard_tasks.specs import task_names

@@ -6,31 +6,33 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery.utils.saferepr import saferepr
 from click.testing import CliRunner
+from kombu.serialization import dumps
 
 from mcard_tasks import app
-from mcard_tasks import bulk as bulk_module
-from mcard_tasks.bulk import (
-    MAX_ERRORS,
-    MAX_LINE_BYTES,
-    BrokerFailureError,
-    ImportInterrupted,
-    ImportReport,
-    InvalidLinesError,
-    enqueue_many,
-    parse_request,
-    task_message,
-)
+from mcard_tasks.bulk import enqueue_many
+from mcard_tasks.bulk.lines import MAX_LINE_BYTES, parse_request
+from mcard_tasks.bulk.publisher import Publisher
+from mcard_tasks.bulk.report import MAX_ERRORS, ImportReport
 from mcard_tasks.cli import main
 from mcard_tasks.confirms import ConfirmWindow
-from mcard_tasks.errors import InvalidRequestError
+from mcard_tasks.errors import (
+    BrokerFailureError,
+    BulkImportError,
+    ImportInterrupted,
+    InvalidLinesError,
+    InvalidRequestError,
+)
 from mcard_tasks.ledger import get_ledger
+from mcard_tasks.messages import FastReprs, task_message
 from mcard_tasks.specs import validate_payload
+from mcard_tasks.tasks import mint, single_mint
 from tests.fixtures import use_ledger
 
 
@@ -127,40 +129,78 @@ def test_all_problems_of_a_line_are_listed() -> None:
     ],
 )
 def test_the_fast_kwargsrepr_is_celerys_saferepr(kwargs: dict[str, Any]) -> None:
-    reprs = bulk_module._Reprs(app)
+    reprs = FastReprs(app)
     expected = saferepr(kwargs, app.amqp.kwargsrepr_maxsize, app.conf.task_repr_maxlevels)
     assert reprs.kwargs(kwargs) == expected
     assert reprs.args == saferepr((), app.amqp.argsrepr_maxsize, app.conf.task_repr_maxlevels)
 
 
-def test_the_message_is_the_one_celerys_send_task_message_publishes() -> None:
-    """Celery's own send_task_message, on a producer that records what it is asked to send."""
-    request = parse_request(line(task="single_mint", card_id="c-1", owner="al", request_id="r-9"))
+class RecordingProducer:
+    """What Celery's send_task_message hands kombu's Producer.publish, recorded, not sent."""
 
-    class Recorder:
-        def __init__(self) -> None:
-            self.sent: dict[str, Any] = {}
+    def __init__(self) -> None:
+        self.sent: dict[str, Any] = {}
+        self.connection = self
 
-        def publish(self, body: Any, **options: Any) -> None:
-            self.sent.update(options, body=body)
+    @contextmanager
+    def _reraise_as_library_errors(self) -> Iterator[None]:
+        yield
 
-    recorder = Recorder()
-    message = app.amqp.as_task_v2(
-        "r-9", "mcard.single_mint", args=(), kwargs=request.kwargs, reply_to=app.thread_oid
-    )
-    app.amqp.send_task_message(recorder, "mcard.single_mint", message, retry=False)
-    headers, properties, body = task_message(app, request)
-    from kombu.serialization import dumps
+    def publish(self, body: Any, **options: Any) -> None:
+        self.sent.update(options, body=body)
 
-    assert headers == recorder.sent["headers"]
-    assert body == dumps(recorder.sent["body"], serializer=recorder.sent["serializer"])[2]
-    assert properties["correlation_id"] == recorder.sent["correlation_id"] == "r-9"
-    assert properties["reply_to"] == recorder.sent["reply_to"]
-    assert properties["delivery_mode"] == 2 == recorder.sent["delivery_mode"]
-    assert (properties["content_type"], properties["content_encoding"]) == (
+
+class NoEvents:
+    """An event dispatcher that drops Flower's task-sent event (there is no broker here)."""
+
+    def publish(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("task", "fields"),
+    [
+        (single_mint, {"card_id": "c-1", "owner": "al"}),
+        (single_mint, {"card_id": "it's", "owner": "al", "metadata": {"k": [1, "x"]}}),
+        (mint, {"owner": "o", "card_ids": ["a", "b"]}),
+    ],
+)
+def test_the_message_is_the_one_delay_publishes(task: Any, fields: dict[str, Any]) -> None:
+    """delay()'s own path (RequestTask.apply_async, then Celery's) against task_message."""
+    producer = RecordingProducer()
+    task.apply_async(kwargs=fields, task_id="r-9", producer=producer, event_dispatcher=NoEvents())
+    sent = producer.sent
+    payload = validate_payload(task.name, fields)
+    message = task_message(app, task=task.name, request_id="r-9", payload=payload)
+    assert message.headers == sent["headers"]
+    assert message.body == dumps(sent["body"], serializer=sent["serializer"])[2]
+    assert (message.exchange, message.routing_key) == (sent["exchange"], sent["routing_key"])
+    assert (message.exchange, message.routing_key) == ("mcard", task.name)
+    assert message.properties["correlation_id"] == sent["correlation_id"] == "r-9"
+    assert message.properties["reply_to"] == sent["reply_to"]
+    assert message.properties["delivery_mode"] == 2 == sent["delivery_mode"]
+    assert message.properties["priority"] == sent.get("priority", 0) == 0  # kombu's default
+    assert (message.properties["content_type"], message.properties["content_encoding"]) == (
         "application/json",
         "utf-8",
     )
+
+
+def test_a_lines_request_is_published_with_the_fields_it_was_given() -> None:
+    request = parse_request(line(task="single_mint", card_id="c-1", owner="al", request_id="r"))
+    message = task_message(app, task=request.task, request_id="r", payload=request.payload)
+    assert json.loads(message.body)[1] == request.kwargs == {"card_id": "c-1", "owner": "al"}
+
+
+def test_an_invalid_lines_error_is_an_invalid_request_and_a_bulk_import_error() -> None:
+    report = ImportReport(source="f")
+    for number in range(1, 8):
+        report.add_error(number, ["task: is required"])
+    error = InvalidLinesError(report)
+    assert isinstance(error, InvalidRequestError) and isinstance(error, BulkImportError)
+    assert error.report is report and error.problems == report.errors
+    assert str(error).startswith("7 invalid lines, nothing published: line 1: task: is")
+    assert str(error).endswith("(and 2 more)")
 
 
 # --- a whole file, refused before any connection -----------------------------------------
@@ -378,7 +418,7 @@ def test_cli_exit_130_on_ctrl_c(
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bulk_module._Publisher, "wait", interrupted)
+    monkeypatch.setattr(Publisher, "wait", interrupted)
     path = write(tmp_path, *requests(3))
     result = CliRunner().invoke(main, ["import", str(path)])
     assert result.exit_code == 130, result.output

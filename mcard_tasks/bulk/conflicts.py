@@ -1,0 +1,44 @@
+"""The import's conflict check: request IDs looked up in the ledger, a chunk at a time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from mcard_tasks.bulk.lines import Request
+    from mcard_tasks.ledger import Ledger
+
+__all__ = ["ConflictCheck", "Verdict"]
+
+#: What the ledger holds under a request's ID: nothing, this very request, or another one.
+Verdict = Literal["new", "recorded", "conflict"]
+
+
+class ConflictCheck:
+    """Chunked lookups of request IDs in the ledger: conflicts and replays."""
+
+    def __init__(self, ledger: Ledger | None) -> None:
+        """ledger: the one to consult; None checks nothing (every request is new)."""
+        self.ledger = ledger
+
+    def recorded(self, requests: list[Request]) -> dict[str, str]:
+        """The recorded fingerprints of those request IDs the ledger holds.
+
+        Raises:
+            LedgerUnavailableError: the ledger's database cannot be read.
+        """
+        if self.ledger is None or not requests:
+            return {}
+        return self.ledger.fingerprints(sorted({request.request_id for request in requests}))
+
+    def verdicts(self, requests: list[Request]) -> list[Verdict]:
+        """The verdict of each request, in order (one query for them all)."""
+        recorded = self.recorded(requests)
+        return [_verdict(recorded.get(request.request_id), request) for request in requests]
+
+
+def _verdict(known: str | None, request: Request) -> Verdict:
+    # The request's fingerprint is computed only for an ID the ledger holds.
+    if known is None:
+        return "new"
+    return "recorded" if known == request.fingerprint else "conflict"

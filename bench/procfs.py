@@ -37,14 +37,14 @@ def tree_pids(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of pids (a process gone meanwhile counts 0)."""
-    ticks = 0
+def cpu_ticks(pids: list[int]) -> dict[int, int]:
+    """User + system CPU time so far of each of pids still running, in clock ticks."""
+    ticks = {}
     for one in pids:
         fields = stat_fields(one)
         if fields is not None:
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / CLOCK_TICKS
+            ticks[one] = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks
 
 
 def pids_named(name: str) -> list[int]:
@@ -58,13 +58,20 @@ def pids_named(name: str) -> list[int]:
     return found
 
 
-def cpu_by_role(worker_pids: list[int]) -> dict[str, float]:
-    """CPU seconds so far of the workers (with their children), PostgreSQL and RabbitMQ."""
+def cpu_by_role(worker_pids: list[int]) -> dict[str, dict[int, int]]:
+    """CPU ticks so far of the workers (with their children), PostgreSQL and RabbitMQ."""
     return {
-        "worker": sum(cpu_seconds(tree_pids(pid)) for pid in worker_pids),
-        "postgres": cpu_seconds(pids_named("postgres")),
-        "rabbitmq": cpu_seconds(pids_named("beam.smp")),
+        "worker": cpu_ticks([one for pid in worker_pids for one in tree_pids(pid)]),
+        "postgres": cpu_ticks(pids_named("postgres")),
+        "rabbitmq": cpu_ticks(pids_named("beam.smp")),
     }
+
+
+def seconds_between(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds spent between two readings: a process in both counts its difference, one
+    started meanwhile all its time, one gone meanwhile nothing (others' tests on a shared
+    machine start and stop database backends and broker nodes: never a negative figure)."""
+    return sum(max(0, ticks - before.get(pid, 0)) for pid, ticks in after.items()) / CLOCK_TICKS
 
 
 @dataclass
@@ -72,14 +79,17 @@ class CpuMeter:
     """CPU time by role from the moment it is made (see :func:`cpu_by_role`)."""
 
     worker_pids: list[int]
-    start: dict[str, float] = field(init=False)
+    start: dict[str, dict[int, int]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.start = cpu_by_role(self.worker_pids)
 
     def ms_per_task(self, tasks: int) -> dict[str, float]:
         now = cpu_by_role(self.worker_pids)
-        return {role: 1000 * (now[role] - self.start[role]) / max(1, tasks) for role in now}
+        return {
+            role: 1000 * seconds_between(self.start[role], now[role]) / max(1, tasks)
+            for role in now
+        }
 
 
 def rss_kib(pid: int) -> int:

@@ -17,43 +17,39 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-BROKER = os.environ.get("MCARD_BENCH_BROKER", "amqp://guest:guest@127.0.0.1:5672")
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import (
+    ROOT,
+    configure,
+    median,
+    median_table,
+    publish_raw_confirmed,
+    ratio,
+    ratio_line,
+    raw_connection,
+    request_lines,
+    rotations,
+    say,
+    temporary_vhost,
+    unique,
+)
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
-def configure(vhost: str, database: str) -> None:
-    """The environment mcard-tasks reads at import: set before importing it."""
-    os.environ["MCARD_BROKER_URL"] = f"{BROKER}/{vhost}"
-    os.environ["MCARD_DATABASE_URL"] = f"sqlite:///{database}"
+BARE_QUEUE = "bench.bare"
 
 
 def write_requests(path: Path, count: int, tag: str) -> Path:
     with path.open("w") as out:
-        for i in range(count):
-            out.write(
-                json.dumps(
-                    {
-                        "task": "single_mint",
-                        "card_id": f"{tag}-{i}",
-                        "owner": "bench",
-                        "request_id": f"{tag}-r{i}",
-                    }
-                )
-                + "\n"
-            )
+        for line in request_lines(count, tag):
+            out.write(line + "\n")
     return path
 
 
@@ -65,7 +61,7 @@ def memory_child(lines: int, workdir: Path) -> None:
     """In a fresh process: the peak RSS growth of importing `lines` requests."""
     from mcard_tasks.bulk import enqueue_many
 
-    tag = uuid.uuid4().hex[:8]
+    tag = unique("")
     enqueue_many(write_requests(workdir / f"warm-{tag}.jsonl", 200, f"warm{tag}"))
     path = write_requests(workdir / f"mem-{tag}.jsonl", lines, f"mem{tag}")
     before = peak_rss_kib()
@@ -78,63 +74,62 @@ def memory_child(lines: int, workdir: Path) -> None:
 class Paths:
     """The four publishing paths, on one vhost."""
 
-    def __init__(self, workdir: Path, bare_queue_type: str) -> None:
-        import amqp
-        from celery import Celery
-        from kombu import Queue
-
+    def __init__(self, workdir: Path, vhost: str, bare_queue_type: str) -> None:
         from mcard_tasks import app
-        from mcard_tasks.messages import task_message
-        from mcard_tasks.payloads import validate_payload
+        from mcard_tasks.specs import task_names
         from mcard_tasks.tasks import single_mint
-        from mcard_tasks.topology import TASK_NAMES, build_topology
 
         self.workdir = workdir
         self.app = app
         self.single_mint = single_mint
-        self.task_names = TASK_NAMES
+        self.task_names = task_names()
         arguments = {"x-queue-type": bare_queue_type}
-        self.bare = Celery("bare", broker=app.conf.broker_url)
-        self.bare.conf.update(
+        self.noop = self._bare_task(arguments)
+        # The raw baseline's socket stays blocking, as py-amqp leaves it.
+        self.raw = raw_connection(vhost, timeout=None)
+        self.channel = self.raw.channel()
+        self._declare(arguments)
+        self.raw_headers, self.raw_properties = self._raw_message_shape()
+
+    def _bare_task(self, arguments: dict[str, str]) -> Any:
+        """Bare Celery's no-op task, published with kombu's per-message confirms."""
+        from celery import Celery
+        from kombu import Queue
+
+        bare = Celery("bare", broker=self.app.conf.broker_url)
+        bare.conf.update(
             broker_transport_options={"confirm_publish": True},
             # Like for like: mcard-tasks sends Flower's task-sent events, so does the baseline.
-            task_send_sent_event=app.conf.task_send_sent_event,
-            task_queues=[Queue("bench.bare", durable=True, queue_arguments=arguments)],
-            task_default_queue="bench.bare",
+            task_send_sent_event=self.app.conf.task_send_sent_event,
+            task_queues=[Queue(BARE_QUEUE, durable=True, queue_arguments=arguments)],
+            task_default_queue=BARE_QUEUE,
             task_serializer="json",
         )
 
-        @self.bare.task(name="bench.noop")  # type: ignore[untyped-decorator]
+        @bare.task(name="bench.noop")
         def noop(**kwargs: Any) -> None:
             return None
 
-        self.noop = noop
-        url = app.conf.broker_url.removeprefix("amqp://")
-        credentials, rest = url.split("@", 1)
-        host, vhost = rest.split("/", 1)
-        user, password = credentials.split(":", 1)
-        self.raw = amqp.Connection(host, userid=user, password=password, virtual_host=vhost)
-        self.raw.connect()
-        self.channel = self.raw.channel()
-        build_topology(app.conf.mcard_queue_type, app.conf.mcard_delivery_limit).declare(
-            self._kombu_channel()
-        )
-        self.channel.queue_declare(
-            "bench.bare", durable=True, auto_delete=False, arguments=arguments
-        )
-        # The raw path publishes the very message shape delay() publishes.
-        fields = {"card_id": "c", "owner": "o"}
-        payload = validate_payload("mcard.single_mint", fields)
-        sample = task_message(app, task="mcard.single_mint", request_id="r-0", payload=payload)
-        self.raw_headers, self.raw_properties = sample.headers, sample.properties
+        return noop
 
-    def _kombu_channel(self) -> Any:
-        connection = self.app.connection_for_write()
-        self._declare_connection = connection
-        return connection.default_channel
+    def _declare(self, arguments: dict[str, str]) -> None:
+        from mcard_tasks.topology import build_topology
+
+        self._declare_connection = self.app.connection_for_write()
+        build_topology(self.app.settings).declare(self._declare_connection.default_channel)
+        self.channel.queue_declare(BARE_QUEUE, durable=True, auto_delete=False, arguments=arguments)
+
+    def _raw_message_shape(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The raw path publishes the very message shape delay() publishes."""
+        from mcard_tasks.messages import task_message
+        from mcard_tasks.specs import validate_payload
+
+        payload = validate_payload("mcard.single_mint", {"card_id": "c", "owner": "o"})
+        sample = task_message(self.app, task="mcard.single_mint", request_id="r-0", payload=payload)
+        return sample.headers, sample.properties
 
     def purge(self) -> None:
-        for name in (*self.task_names, "bench.bare"):
+        for name in (*self.task_names, BARE_QUEUE):
             self.channel.queue_purge(name)
 
     def delay_loop(self, count: int, tag: str) -> None:
@@ -156,30 +151,16 @@ class Paths:
         path.unlink()
 
     def raw_async(self, count: int, tag: str, window: int = 1000) -> None:
+        publish_raw_confirmed(self.raw, self._raw_messages(count, tag), window)
+
+    def _raw_messages(self, count: int, tag: str) -> Iterator[tuple[Any, str, str]]:
         import amqp
 
-        channel = self.raw.channel()
-        channel.confirm_select()
-        acked = [0]
-
-        def on_ack(tag_: int, multiple: bool) -> None:
-            acked[0] = tag_ if multiple else acked[0] + 1
-
-        def on_nack(tag_: int, multiple: bool) -> None:
-            raise RuntimeError("nacked")
-
-        channel.events["basic_ack"].add(on_ack)
-        channel.events["basic_nack"].add(on_nack)
         for i in range(count):
             headers = dict(self.raw_headers, id=f"{tag}-r{i}", root_id=f"{tag}-r{i}")
             body = json.dumps([[], {"card_id": f"{tag}-{i}", "owner": "bench"}, {}])
             message = amqp.Message(body, application_headers=headers, **self.raw_properties)
-            channel.basic_publish(message, exchange="mcard", routing_key="mcard.single_mint")
-            while i + 1 - acked[0] >= window:
-                self.raw.drain_events(timeout=10)
-        while acked[0] < count:
-            self.raw.drain_events(timeout=10)
-        channel.close()
+            yield message, "mcard", "mcard.single_mint"
 
     def close(self) -> None:
         self.raw.close()
@@ -187,27 +168,25 @@ class Paths:
 
 
 def measure(paths: Paths, args: argparse.Namespace) -> dict[str, list[float]]:
-    runs = {
+    runs: dict[str, tuple[Callable[[int, str], None], int]] = {
         "delay loop (confirmed)": (paths.delay_loop, args.loop_messages),
         "bare Celery apply_async (confirm_publish)": (paths.bare_apply_async, args.loop_messages),
         "bulk import (enqueue_many)": (paths.bulk, args.messages),
         "raw py-amqp, async confirms": (paths.raw_async, args.messages),
     }
     rates: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
     # Untimed: one-time costs (connections, channels, the ledger's schema on first use) are
     # not per-message costs, and they fell on whichever path ran first.
     for function, _ in runs.values():
-        function(10, f"w{uuid.uuid4().hex[:8]}")
-    for round_ in range(args.rounds):
-        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
-            function, count = runs[name]
-            paths.purge()
-            tag = f"b{uuid.uuid4().hex[:8]}"
-            started = time.perf_counter()
-            function(count, tag)
-            rates[name].append(count / (time.perf_counter() - started))
-            print(f"  round {round_ + 1}: {name}: {rates[name][-1]:,.0f} msg/s", flush=True)
+        function(10, unique("w"))
+    for round_, name in rotations(list(runs), args.rounds):
+        function, count = runs[name]
+        paths.purge()
+        tag = unique("b")
+        started = time.perf_counter()
+        function(count, tag)
+        rates[name].append(count / (time.perf_counter() - started))
+        say(f"  round {round_ + 1}: {name}: {rates[name][-1]:,.0f} msg/s")
     paths.purge()
     return rates
 
@@ -227,15 +206,30 @@ def memory(args: argparse.Namespace, workdir: Path) -> dict[int, int]:
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert result["confirmed"] == lines, result
         growth[lines] = result["growth_kib"]
-        print(
+        say(
             f"  {lines:,} lines: peak RSS growth {growth[lines]:,} KiB"
-            f" (process peak {result['peak_kib'] / 1024:.0f} MiB)",
-            flush=True,
+            f" (process peak {result['peak_kib'] / 1024:.0f} MiB)"
         )
     return growth
 
 
-def main() -> None:
+def report(rates: dict[str, list[float]], growth: dict[int, int] | None) -> None:
+    print()
+    print("\n".join(median_table(("path", "median msg/s"), rates, widths=(45, 12))))
+    delay, bare, bulk, raw = (median(values) for values in rates.values())
+    print()
+    print(ratio_line("delay / bare apply_async", ratio(delay, bare), ">= 1.0", width=25))
+    print(ratio_line("bulk / delay loop", ratio(bulk, delay), ">= 8", width=25))
+    print(ratio_line("bulk / raw async confirms", ratio(bulk, raw), ">= 0.5", width=25))
+    if growth:
+        small, large = sorted(growth)
+        print(
+            f"peak RSS growth: {small:,} lines {growth[small] / 1024:.1f} MiB,"
+            f" {large:,} lines {growth[large] / 1024:.1f} MiB"
+        )
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=10_000, help="per bulk / raw round")
     parser.add_argument("--loop-messages", type=int, default=None, help="per delay loop round")
@@ -246,49 +240,31 @@ def main() -> None:
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.loop_messages = args.loop_messages or min(args.messages, 2000)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.memory_child is not None:
         memory_child(args.memory_child, args.workdir)
         return
-    args.loop_messages = args.loop_messages or min(args.messages, 2000)
-
-    vhost = f"mcard-bench-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", vhost)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        with tempfile.TemporaryDirectory(prefix="mcard-bench-") as tmp:
-            workdir = Path(tmp)
-            configure(vhost, str(workdir / "ledger.sqlite3"))
-            paths = Paths(workdir, args.bare_queue_type)
-            print(
-                f"vhost {vhost}; {args.rounds} rounds; {args.loop_messages} msgs per loop round,"
-                f" {args.messages} per bulk/raw round; queue types: mcard"
-                f" {paths.app.conf.mcard_queue_type}, bare {args.bare_queue_type}",
-                flush=True,
-            )
-            rates = measure(paths, args)
-            growth = None if args.no_memory else memory(args, workdir)
-            paths.close()
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
-
-    median = {name: statistics.median(values) for name, values in rates.items()}
-    names = list(median)
-    print()
-    print(f"{'path':<45} {'median msg/s':>12}   rounds")
-    for name in names:
-        rounds = ", ".join(f"{value:,.0f}" for value in rates[name])
-        print(f"{name:<45} {median[name]:>12,.0f}   {rounds}")
-    delay, bare, bulk, raw = (median[name] for name in names)
-    print()
-    print(f"delay / bare apply_async   {delay / bare:6.2f}   (target >= 1.0)")
-    print(f"bulk / delay loop          {bulk / delay:6.2f}   (target >= 8)")
-    print(f"bulk / raw async confirms  {bulk / raw:6.2f}   (target >= 0.5)")
-    if growth:
-        small, large = sorted(growth)
-        print(
-            f"peak RSS growth: {small:,} lines {growth[small] / 1024:.1f} MiB,"
-            f" {large:,} lines {growth[large] / 1024:.1f} MiB"
+    with (
+        temporary_vhost(unique("mcard-bench-")) as vhost,
+        tempfile.TemporaryDirectory(prefix="mcard-bench-") as tmp,
+    ):
+        workdir = Path(tmp)
+        configure(vhost, f"sqlite:///{workdir / 'ledger.sqlite3'}")
+        paths = Paths(workdir, vhost, args.bare_queue_type)
+        say(
+            f"vhost {vhost}; {args.rounds} rounds; {args.loop_messages} msgs per loop round,"
+            f" {args.messages} per bulk/raw round; queue types: mcard"
+            f" {paths.app.settings.queue_type}, bare {args.bare_queue_type}"
         )
+        rates = measure(paths, args)
+        growth = None if args.no_memory else memory(args, workdir)
+        paths.close()
+    report(rates, growth)
 
 
 if __name__ == "__main__":

@@ -139,15 +139,25 @@ class RequestTask(Task):  # type: ignore[misc]
             logger.warning("publishing %s unchecked: %s", request_id, exc)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Worker side: the last guard, for messages that did not come through apply_async."""
+        """Worker side: the last guard, for messages that did not come through apply_async.
+
+        The fields are validated in run (``accept``), which Celery wraps with the automatic
+        retry of transient errors.
+        """
         try:
             if args:
                 raise InvalidRequestError(["args: positional arguments are not accepted"])
             check_request_id(self.request.id)
-            payload = self.validate(kwargs)
         except InvalidRequestError as exc:
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
-        return self.record(payload)
+        return self.run(**kwargs)
+
+    def accept(self, fields: dict[str, Any]) -> Payload:
+        """Worker side: the request's payload, or a rejection into the DLQ with the reason."""
+        try:
+            return self.validate(fields)
+        except InvalidRequestError as exc:
+            raise Reject(str(exc), requeue=False) from exc
 
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """A transient failure is worth a warning, whether or not per-task lines are logged."""

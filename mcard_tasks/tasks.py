@@ -18,7 +18,9 @@ def task_for(app: Celery, spec: TaskSpec) -> RequestTask:
     """The Celery task of a task kind on app, named and routed by its spec."""
 
     def run(self: RequestTask, **fields: Any) -> dict[str, Any]:
-        return self.record(self.validate(fields))
+        # Celery wraps run with the retry of transient errors (autoretry_for): the request
+        # is validated and recorded in here, not in RequestTask.__call__.
+        return self.record(self.accept(fields))
 
     run.__doc__ = spec.doc
     task: RequestTask = app.task(

@@ -5,6 +5,7 @@ Every reliability setting sits next to its reason; see docs in the README's "Gua
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ from kombu import pools
 
 from mcard_tasks.bootsteps import RelayOutbox
 from mcard_tasks.config import Settings, get_settings
+from mcard_tasks.errors import ConfigurationError
 from mcard_tasks.flower import configure_flower_if_running
 from mcard_tasks.topology import EXCHANGE, build_topology
 
@@ -34,7 +36,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": topology.routes,
         "task_default_exchange": EXCHANGE.name,
         "task_default_exchange_type": EXCHANGE.type,
-        "task_default_queue": topology.task_queues[1].name,
+        # A task without a route fails to publish (the queue is not declared: see
+        # task_create_missing_queues) instead of landing in some kind's queue.
+        "task_default_queue": "mcard.unrouted",
         # A typo in a route must fail loudly, not create an unconsumed classic queue.
         "task_create_missing_queues": False,
         # JSON only: pickle from the wire is code execution, and results must be readable
@@ -130,15 +134,28 @@ class MCardApp(Celery):  # type: ignore[misc]
     settings: Settings
 
 
+def load_spec_modules(settings: Settings) -> None:
+    """Import the modules of MCARD_SPECS, which register more task kinds.
+
+    Raises ConfigurationError naming a module that cannot be imported.
+    """
+    for name in settings.spec_modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigurationError(f"MCARD_SPECS: cannot import {name!r} ({exc})") from exc
+
+
 def create_app(settings: Settings | None = None) -> MCardApp:
     """A Celery app configured from settings (default: the MCARD_* environment).
 
     Everything of mcard-tasks reads its settings from ``app.settings``
     (``mcard_tasks.config.settings_of``); Celery's own settings are derived from them once.
     """
+    settings = settings or get_settings()
+    load_spec_modules(settings)
     app = MCardApp("mcard_tasks", include=["mcard_tasks.tasks"])
     os.register_at_fork(after_in_child=lambda: _forget_parent_connections(app))
-    settings = settings or get_settings()
     app.settings = settings
     app.conf.update(celery_config(settings))
     app.steps["worker"].add(RelayOutbox)

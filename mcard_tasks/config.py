@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     issuer_latency_ms: float = Field(default=50.0, ge=0)
     issuer_failure_rate: float = Field(default=0.0, ge=0, le=1)
     events_poll_interval: float = Field(default=0.05, gt=0)
+    #: Modules whose import registers more task kinds (mcard_tasks.specs.register),
+    #: comma-separated; imported when the app is created, before its topology is built.
+    specs: str = ""
+
+    @property
+    def spec_modules(self) -> list[str]:
+        return [name.strip() for name in self.specs.split(",") if name.strip()]
 
     @field_validator("log_level")
     @classmethod

@@ -45,7 +45,12 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         """The consuming connection, with the whole topology declared on it first."""
         connection = super().connect()
         settings = settings_of(self.app)
-        build_topology(settings).declare(connection.default_channel)
+        try:
+            build_topology(settings).declare(connection.default_channel)
+        except BaseException:
+            # Celery keeps (and later closes) only a connection that connect() returned.
+            connection.collect()
+            raise
         logger.info("declared the mcard topology (%s queues)", settings.queue_type)
         return connection
 

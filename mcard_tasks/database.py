@@ -28,6 +28,9 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+# A server that drops packets must not hold a connect (and a waiting get()) for minutes: libpq
+# waits without limit by default.
+_PG_CONNECT = {"connect_timeout": 5}
 # Any fixed number: PostgreSQL advisory lock that serializes concurrent schema upgrades.
 _SCHEMA_LOCK_KEY = 0x6D63617264
 
@@ -73,7 +76,7 @@ def _create_engine(url: str) -> Engine:
     # restarted) fails its transaction, which is retried as a transient error, and SQLAlchemy
     # then replaces every connection older than the failure. Reads of outcomes and task states
     # retry once on a fresh connection at once (Ledger._read), so a stale pool never fails them.
-    return create_engine(url, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_size=10, max_overflow=20, connect_args=_PG_CONNECT)
 
 
 def upgrade_schema(engine: Engine) -> None:
@@ -103,7 +106,11 @@ def autocommit_engine_for(engine: Engine) -> Engine:
     return _cached(
         f"{url} autocommit",
         lambda: create_engine(
-            engine.url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=20
+            engine.url,
+            isolation_level="AUTOCOMMIT",
+            pool_size=10,
+            max_overflow=20,
+            connect_args=_PG_CONNECT,
         ),
     )
 

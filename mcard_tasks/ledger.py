@@ -163,7 +163,12 @@ def _outcome_json(
 
 
 def _record(
-    connection: Connection, spec: TaskSpec, request_id: str, verdict: Verdict, outcome_json: str
+    connection: Connection,
+    spec: TaskSpec,
+    request_id: str,
+    verdict: Verdict,
+    outcome_json: str,
+    recorded_at: datetime,
 ) -> None:
     """The outcome's pending event, in the transaction that records the outcome (outbox)."""
     connection.execute(
@@ -172,7 +177,7 @@ def _record(
             "request_id": request_id,
             "routing_key": event_routing_key(spec.name, verdict.status),
             "body": outcome_json,
-            "created_at": now(),
+            "created_at": recorded_at,
         },
     )
 
@@ -336,7 +341,7 @@ class Ledger:
                     raise _AlreadyClaimed
                 if pending:
                     return None  # effect reserved; the issuer is called outside the transaction
-                _record(connection, spec, request_id, verdict, outcome_json)
+                _record(connection, spec, request_id, verdict, outcome_json, recorded_at)
                 return outcome_json
         except _AlreadyClaimed:
             pass
@@ -349,7 +354,8 @@ class Ledger:
         Raises ConflictError when it was claimed with a different payload.
         """
         row = self._recorded(request_id)
-        assert row is not None, f"claimed request {request_id} vanished"
+        if row is None:  # operations rows are never deleted: a claimed ID stays recorded
+            raise LedgerUnavailableError(f"request {request_id!r} was claimed but is not found")
         recorded_fingerprint, status, outcome_json = row
         if recorded_fingerprint != digest:
             raise ConflictError(request_id)
@@ -358,20 +364,25 @@ class Ledger:
     def _complete(self, spec: TaskSpec, request_id: str, payload: Payload) -> str:
         """After the issuer succeeded: make the reserved effect final and record the outcome,
         unless another delivery of the request completed it meanwhile."""
-        verdict = Verdict()
-        outcome_json = _outcome_json(spec, request_id, payload, verdict, now())
+        verdict, recorded_at = Verdict(), now()
+        outcome_json = _outcome_json(spec, request_id, payload, verdict, recorded_at)
         with self._transaction() as connection:
             statements = _statements(connection)
             done = connection.execute(
                 statements.complete,
-                {"the_request": request_id, "status": verdict.status, "outcome": outcome_json},
+                {
+                    "the_request": request_id,
+                    "status": verdict.status,
+                    "outcome": outcome_json,
+                    "recorded_at": recorded_at,
+                },
             ).first()
             if done is not None:
                 connection.execute(
                     statements.finalize_cards,
                     {"card_ids": spec.cards(payload), "status": spec.final_status},
                 )
-                _record(connection, spec, request_id, verdict, outcome_json)
+                _record(connection, spec, request_id, verdict, outcome_json, recorded_at)
                 return outcome_json
         return self._known(spec, request_id, fingerprint(spec.name, payload))[1]
 
@@ -466,13 +477,13 @@ class Ledger:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
+        # Marked only when the block ends normally: on an error the caller re-raises after
+        # marking, and the rows it did not mark are published again (at least once).
         with self.session(readonly=sqlite_) as session:
             batch = PendingEvents([(r[0], r[1], r[2]) for r in session.execute(query)])
-            try:
-                yield batch
-            finally:
-                if batch.confirmed and not sqlite_:
-                    self._mark_published(session, batch.confirmed)
+            yield batch
+            if batch.confirmed and not sqlite_:
+                self._mark_published(session, batch.confirmed)
         if batch.confirmed and sqlite_:
             with self.session() as session:
                 self._mark_published(session, batch.confirmed)

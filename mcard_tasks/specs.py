@@ -66,6 +66,20 @@ class TaskSpec:
         return self.name.removeprefix(PREFIX)
 
 
+#: Names the request, the ledger's statements and the enqueue commands use themselves.
+RESERVED_FIELDS = frozenset(
+    {
+        "request_id",
+        "task_id",
+        "task",
+        "fingerprint",
+        "outcome",
+        "recorded_at",
+        "routing_key",
+        "wait",
+    }
+)
+
 #: The registry: task name -> spec, in registration order.
 SPECS: dict[str, TaskSpec] = {}
 
@@ -76,6 +90,11 @@ def register(spec: TaskSpec) -> TaskSpec:
         raise ValueError(f"task name {spec.name!r}: must be {PREFIX}<identifier>")
     if spec.name in SPECS:
         raise ValueError(f"task name {spec.name!r} is registered already")
+    reserved = RESERVED_FIELDS & set(spec.payload.model_fields)
+    if reserved:
+        raise ValueError(f"{spec.name}: payload fields {sorted(reserved)} are reserved")
+    if spec.command in {other.command for other in SPECS.values()}:
+        raise ValueError(f"{spec.name}: command {spec.command!r} is taken")
     SPECS[spec.name] = spec
     return spec
 

@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 
 from mcard_tasks.application import app
+from mcard_tasks.config import settings_of
 from mcard_tasks.producer import RequestTask
 from mcard_tasks.specs import SPECS, TaskSpec
 
@@ -28,7 +29,9 @@ def task_for(app: Celery, spec: TaskSpec) -> RequestTask:
         base=RequestTask,
         bind=True,
         spec=spec,
-        max_retries=app.settings.max_retries,
+        # This app's own task (not Celery's shared one), with this app's retry budget.
+        shared=False,
+        max_retries=settings_of(app).max_retries,
     )(run)
     return task
 

@@ -83,7 +83,10 @@ class Topology:
     @property
     def routes(self) -> dict[str, dict[str, str]]:
         """Celery's task_routes: each task to the queue of its own name."""
-        return {name: {"queue": name, "routing_key": name} for name in task_names()}
+        return {
+            queue.name: {"queue": queue.name, "routing_key": queue.name}
+            for queue in self.task_queues
+        }
 
     def queue(self, name: str) -> Queue:
         for queue in self.task_queues + self.dead_letter_queues:

@@ -21,7 +21,7 @@ from mcard_tasks.bulk.conflicts import ConflictCheck, Verdict
 from mcard_tasks.bulk.lines import Line, Lines, Request, Source, parse_line
 from mcard_tasks.bulk.publisher import BROKER_ERRORS, Publisher
 from mcard_tasks.bulk.report import ImportReport
-from mcard_tasks.config import Settings, settings_of
+from mcard_tasks.config import settings_of
 from mcard_tasks.errors import (
     BrokerFailureError,
     BulkImportError,
@@ -31,7 +31,6 @@ from mcard_tasks.errors import (
     LedgerFailureError,
     LedgerUnavailableError,
 )
-from mcard_tasks.ledger import Ledger, get_ledger
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -87,7 +86,7 @@ def enqueue_many(
     report = ImportReport(source=reader.name)
     started = time.monotonic()
     settings = settings_of(app)
-    check = ConflictCheck(_ledger(settings))
+    check = ConflictCheck(settings.database_url if settings.check_conflicts else None)
     publisher = Publisher(app, report, timeout or settings.publish_timeout, window)
     try:
         _import(reader, report, check, publisher, progress, skip_invalid)
@@ -104,13 +103,6 @@ def enqueue_many(
     finally:
         report.seconds = time.monotonic() - started
         publisher.close()
-
-
-def _ledger(settings: Settings) -> Ledger | None:
-    """The ledger to check request IDs against; None with MCARD_CHECK_CONFLICTS off."""
-    if not settings.check_conflicts:
-        return None
-    return get_ledger(settings.database_url)
 
 
 def _failed(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
+from mcard_tasks.ledger import get_ledger
+
 if TYPE_CHECKING:
     from mcard_tasks.bulk.lines import Request
-    from mcard_tasks.ledger import Ledger
 
 __all__ = ["ConflictCheck", "Verdict"]
 
@@ -17,9 +18,10 @@ Verdict = Literal["new", "recorded", "conflict"]
 class ConflictCheck:
     """Chunked lookups of request IDs in the ledger: conflicts and replays."""
 
-    def __init__(self, ledger: Ledger | None) -> None:
-        """ledger: the one to consult; None checks nothing (every request is new)."""
-        self.ledger = ledger
+    def __init__(self, ledger_url: str | None) -> None:
+        """ledger_url: the ledger to consult (opened on first use, so that a ledger down at
+        the start fails inside the import, with its report); None checks nothing."""
+        self.ledger_url = ledger_url
 
     def recorded(self, requests: list[Request]) -> dict[str, str]:
         """The recorded fingerprints of those request IDs the ledger holds.
@@ -27,9 +29,11 @@ class ConflictCheck:
         Raises:
             LedgerUnavailableError: the ledger's database cannot be read.
         """
-        if self.ledger is None or not requests:
+        if self.ledger_url is None or not requests:
             return {}
-        return self.ledger.fingerprints(sorted({request.request_id for request in requests}))
+        return get_ledger(self.ledger_url).fingerprints(
+            sorted({request.request_id for request in requests})
+        )
 
     def verdicts(self, requests: list[Request]) -> list[Verdict]:
         """The verdict of each request, in order (one query for them all)."""

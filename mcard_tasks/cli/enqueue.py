@@ -58,12 +58,11 @@ def enqueue_command(spec: TaskSpec) -> click.Command:
         values: dict[str, Any] = {}
         for name, (_, kind) in options.items():
             value: Any = given[name]
-            if kind == "list":
-                value = list(value)
-            elif kind == "json":
-                value = _parse_json(name, value)
-            if value not in (None, []):
-                values[name] = value
+            if value is None or (kind == "list" and not value):
+                continue  # not given: the field's default (or its "is required" error)
+            values[name] = list(value) if kind == "list" else value
+            if kind == "json":
+                values[name] = _parse_json(name, value)
         result = TASKS[spec.name].delay(request_id=request_id, **values)
         click.echo(f"queued {spec.name} request_id={result.id}")
         if wait:

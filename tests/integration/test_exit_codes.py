@@ -69,6 +69,7 @@ def test_invalid_requests_exit_2(vhost: str, tmp_path: Path, ledger: str) -> Non
             (["single-mint", "--card-id", "bad id", "--owner", "alice"], env),
             (["mint", "--owner", "bob", "--card-id", "c-1", "--card-id", "c-1"], env),
             (["mint", "--owner", "bob", "--card-id", "c-1", "--metadata", "[1"], env),
+            (["single-mint", "--card-id", "c-1", "--owner", "bob", "--metadata", "[]"], env),
             (["burn", "--card-id", "c-1", "--owner", "al\tice"], env),
             (["status", "white space"], env),
             (["import", lines(tmp_path, {"task": "single_mint", "owner": "x"})], env),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ from mcard_tasks.issuers import (
     build_issuer,
 )
 from mcard_tasks.ledger import Ledger
-from mcard_tasks.models import OutboxEvent
+from mcard_tasks.models import Operation, OutboxEvent
 from mcard_tasks.specs import validate_payload
 
 SINGLE_MINT, BURN = "mcard.single_mint", "mcard.single_burn"
@@ -100,3 +102,23 @@ def test_issuers_come_from_settings() -> None:
         simulated.issue("r", "o", ["c"], None)
     with pytest.raises(ConfigurationError, match="MCARD_ISSUER"):
         build_issuer(Settings(issuer="no.such.module:Issuer"))
+
+
+def test_a_completed_request_is_recorded_and_evented_at_the_time_its_outcome_says(
+    ledger: Ledger,
+) -> None:
+    payload = validate_payload(SINGLE_MINT, {"card_id": "late", "owner": "alice"})
+    with pytest.raises(TransientError):
+        ledger.apply(SINGLE_MINT, "r-late", payload, FlakyIssuer(failures=1))
+    outcome = json.loads(ledger.apply(SINGLE_MINT, "r-late", payload, FlakyIssuer(failures=0)))
+    with ledger.session(readonly=True) as session:
+        operation = session.get(Operation, "r-late")
+        event = session.get(OutboxEvent, "r-late")
+        assert operation is not None and event is not None
+        recorded = datetime.fromisoformat(outcome["recorded_at"])
+        assert utc(operation.recorded_at) == recorded and utc(event.created_at) == recorded
+
+
+def utc(moment: datetime) -> datetime:
+    """SQLite gives the stored UTC time back without its zone."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

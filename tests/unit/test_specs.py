@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from pydantic import ConfigDict
-from sqlalchemy import Connection, select, update
+from sqlalchemy import select
 
 from mcard_tasks import app
 from mcard_tasks.application import create_app
@@ -18,59 +16,18 @@ from mcard_tasks.cli import main
 from mcard_tasks.cli.enqueue import enqueue_command
 from mcard_tasks.config import Settings
 from mcard_tasks.errors import InvalidRequestError
-from mcard_tasks.issuers import Issuer
 from mcard_tasks.ledger import Ledger
-from mcard_tasks.models import Card, OutboxEvent
-from mcard_tasks.payloads import Ident, Payload
-from mcard_tasks.rules import Verdict
+from mcard_tasks.models import OutboxEvent
 from mcard_tasks.specs import SPECS, TaskSpec, register, spec_for, validate_payload
 from mcard_tasks.tasks import task_for
 from mcard_tasks.topology import build_topology
-
-TRANSFER = "mcard.single_transfer"
-
-
-class TransferRequest(Payload):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    card_id: Ident
-    new_owner: Ident
-
-
-def transfer_card(
-    connection: Connection, request_id: str, payload: TransferRequest, status: str
-) -> Verdict:
-    moved = connection.execute(
-        update(Card)
-        .where(
-            Card.card_id == payload.card_id, Card.owner == payload.owner, Card.status == "active"
-        )
-        .values(owner=payload.new_owner)
-    ).rowcount
-    return Verdict() if moved else Verdict("not_holder", f"{payload.card_id} is not theirs")
-
-
-def no_issuer_call(issuer: Issuer, request_id: str, payload: Any) -> None:
-    return None
+from tests.transfer_kind import SPEC, TRANSFER, TransferRequest
 
 
 @pytest.fixture
 def transfer() -> Iterator[TaskSpec]:
     """The fourth kind, registered for one test and removed after it."""
-    spec = register(
-        TaskSpec(
-            name=TRANSFER,
-            payload=TransferRequest,
-            rule=transfer_card,
-            cards=lambda payload: [payload.card_id],
-            issue=no_issuer_call,
-            pending_status="active",
-            final_status="active",
-            command="transfer",
-            doc="Give a card its owner holds to another owner.",
-        )
-    )
-    yield spec
+    yield register(SPEC)
     del SPECS[TRANSFER]
 
 

@@ -131,32 +131,32 @@ def _destroy_card(issuer: Issuer, request_id: str, payload: SingleBurnRequest) -
     issuer.destroy(request_id, payload.owner, payload.card_id)
 
 
+#: What the two minting kinds share: the rule, the cards and the issuer call.
+_MINTING: dict[str, Any] = {
+    "rule": mint_cards,
+    "cards": _minted,
+    "issue": _issue_cards,
+    "pending_status": "minting",
+    "final_status": "active",
+}
 register(
     TaskSpec(
         name="mcard.mint",
         payload=MintRequest,
-        rule=mint_cards,
-        cards=_minted,
-        issue=_issue_cards,
-        pending_status="minting",
-        final_status="active",
         command="mint",
         doc="Issue a batch of distinct cards to one owner, all or nothing.",
+        **_MINTING,
     )
 )
 register(
     TaskSpec(
         name="mcard.single_mint",
         payload=SingleMintRequest,
-        rule=mint_cards,
-        cards=_minted,
-        issue=_issue_cards,
-        pending_status="minting",
-        final_status="active",
         command="single-mint",
         doc="Issue one card to owner.",
         fast_effect=MINT_ONE_EFFECT,
         json_fields=("metadata",),
+        **_MINTING,
     )
 )
 register(

@@ -1,4 +1,4 @@
-"""The worker process: a Celery worker for the three task queues, on the MCARD_* settings.
+"""The worker process: a Celery worker for every task queue, on the MCARD_* settings.
 
 Started as ``mcard-tasks worker [ARGS...]`` (or ``python -m mcard_tasks.worker``; from a
 checkout ``python -m worker`` too). A thin wrapper over Celery's own worker, so

@@ -44,14 +44,16 @@ def no_issuer_call(issuer: Issuer, request_id: str, payload: Any) -> None:
     return None
 
 
+#: Positional, in TaskSpec's field order: name, payload, rule, cards, issue, pending and final
+#: status, command, doc.
 SPEC = TaskSpec(
-    name=TRANSFER,
-    payload=TransferRequest,
-    rule=transfer_card,
-    cards=lambda payload: [payload.card_id],
-    issue=no_issuer_call,
-    pending_status="active",
-    final_status="active",
-    command="transfer",
-    doc="Give a card its owner holds to another owner.",
+    TRANSFER,
+    TransferRequest,
+    transfer_card,
+    lambda payload: [payload.card_id],
+    no_issuer_call,
+    "active",
+    "active",
+    "transfer",
+    "Give a card its owner holds to another owner.",
 )

@@ -13,7 +13,7 @@ __all__ = ["COMMANDS"]
 )
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(celery_args: tuple[str, ...]) -> None:
-    """Run a worker for the three task queues; SIGTERM is a warm shutdown (exit 0).
+    """Run a worker for every task queue; SIGTERM is a warm shutdown (exit 0).
 
     CELERY_ARGS are Celery's worker options (`celery -A mcard_tasks worker --help`), passed
     through and winning over the MCARD_* settings, e.g. `mcard-tasks worker --loglevel=DEBUG`.

@@ -48,7 +48,7 @@ from tests.cluster import (
 from tests.fixtures import Worker, recorded, wait_for
 
 # Cluster start (~20 s) and stop (~10 s) are billed to the first and last test.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(200)]
+pytestmark = [pytest.mark.integration, pytest.mark.exclusive, pytest.mark.timeout(200)]
 
 REQUESTS = 600  # per test
 RATE = 100.0  # requests published per second: the stream lasts ~6 s, the fault comes at ~1 s

@@ -157,6 +157,7 @@ def test_a_forked_child_does_not_share_its_parents_connection(vhost: str) -> Non
     assert f":{pid}" in report, "the child opened its own connection, named with its own pid"
 
 
+@pytest.mark.exclusive
 def test_a_blocked_broker_raises_a_clear_error_within_the_bound(
     vhost: str, short_publish_timeout: None, fresh_pools: None
 ) -> None:
@@ -170,6 +171,7 @@ def test_a_blocked_broker_raises_a_clear_error_within_the_bound(
         rabbitmqctl("set_vm_memory_high_watermark", "0.4")
 
 
+@pytest.mark.exclusive
 def test_a_stopped_broker_raises_a_clear_error_within_the_bound(
     vhost: str, short_publish_timeout: None, fresh_pools: None
 ) -> None:

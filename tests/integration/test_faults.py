@@ -215,6 +215,7 @@ def test_a_task_that_kills_its_process_stops_at_the_delivery_limit_in_the_dlq(
     assert worker.stop() == 0
 
 
+@pytest.mark.exclusive
 def test_a_broker_restart_during_a_stream_of_burns_loses_and_doubles_nothing(
     postgresql_url: str, make_worker: Callable[..., Worker]
 ) -> None:

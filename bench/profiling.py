@@ -74,7 +74,7 @@ def dump_stacks(pid: int, output: Path) -> Path | None:
 
 #: (label, test on one stack's text); inclusive shares of each process role's samples.
 CATEGORIES: list[tuple[str, Callable[[str], bool]]] = [
-    ("task body: RequestTask.__call__", lambda s: "__call__ (mcard_tasks/producer.py" in s),
+    ("task body: RequestTask.__call__", lambda s: "__call__ (mcard_tasks/request_task.py" in s),
     ("  Ledger.apply", lambda s: "apply (mcard_tasks/ledger.py" in s),
     ("    one-statement fast path", lambda s: "_record_success (mcard_tasks/ledger.py" in s),
     ("    general path (claim transaction)", lambda s: "_claim (mcard_tasks/ledger.py" in s),
@@ -87,7 +87,8 @@ CATEGORIES: list[tuple[str, Callable[[str], bool]]] = [
     (
         "celery tracer outside the task body",
         lambda s: (
-            "trace_task (celery/app/trace.py" in s and "__call__ (mcard_tasks/producer.py" not in s
+            "trace_task (celery/app/trace.py" in s
+            and "__call__ (mcard_tasks/request_task.py" not in s
         ),
     ),
     (

@@ -1,5 +1,5 @@
 """The tasks: one per registered task kind (mcard_tasks.specs), each a thin wrapper that hands
-a validated request to the ledger (mcard_tasks.producer.RequestTask does both sides)."""
+a validated request to the ledger (mcard_tasks.request_task.RequestTask does both sides)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from celery import Celery
 
 from mcard_tasks.application import app
 from mcard_tasks.config import settings_of
-from mcard_tasks.producer import RequestTask
+from mcard_tasks.request_task import RequestTask
 from mcard_tasks.specs import SPECS, TaskSpec
 
 __all__ = ["TASKS", "mint", "single_burn", "single_mint", "task_for"]

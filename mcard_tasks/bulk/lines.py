@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from mcard_tasks.errors import InvalidRequestError
 from mcard_tasks.messages import published_kwargs
 from mcard_tasks.payloads import Payload, fingerprint
-from mcard_tasks.producer import resolve_request_id
+from mcard_tasks.request_task import resolve_request_id
 from mcard_tasks.specs import PREFIX, SPECS, validate_payload
 
 __all__ = [

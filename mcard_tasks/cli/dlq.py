@@ -20,7 +20,7 @@ def dlq() -> None:
 def list_() -> None:
     """Count the dead letters of every task queue."""
     from mcard_tasks import app
-    from mcard_tasks.operations import queue_depths
+    from mcard_tasks.admin import queue_depths
 
     for depth in queue_depths(app):
         if depth.name.endswith(".dlq"):
@@ -33,7 +33,7 @@ def list_() -> None:
 def show(queue: str, limit: int) -> None:
     """Show dead letters of QUEUE (they stay in the queue)."""
     from mcard_tasks import app
-    from mcard_tasks.operations import dead_letters
+    from mcard_tasks.admin import dead_letters
 
     letters = dead_letters(app, queue, limit)
     for letter in letters:
@@ -49,7 +49,7 @@ def show(queue: str, limit: int) -> None:
 def replay(queue: str, limit: int | None) -> None:
     """Republish dead letters of QUEUE to it, same request IDs (exactly once still holds)."""
     from mcard_tasks import app
-    from mcard_tasks.operations import replay_dlq
+    from mcard_tasks.admin import replay_dlq
 
     click.echo(f"replayed {replay_dlq(app, queue, limit)} message(s) to {queue}")
 
@@ -60,7 +60,7 @@ def replay(queue: str, limit: int | None) -> None:
 def purge(queue: str) -> None:
     """Delete every dead letter of QUEUE (asks first; --yes to skip)."""
     from mcard_tasks import app
-    from mcard_tasks.operations import purge_dlq
+    from mcard_tasks.admin import purge_dlq
 
     click.echo(f"purged {purge_dlq(app, queue)} message(s) from {queue}.dlq")
 

@@ -29,7 +29,7 @@ def _unacked(app: Any, timeout: float) -> Counter[str]:
 def queues(timeout: float) -> None:
     """Ready and unacked messages of every task and dead-letter queue (no management plugin)."""
     from mcard_tasks import app
-    from mcard_tasks.operations import queue_depths
+    from mcard_tasks.admin import queue_depths
 
     depths = queue_depths(app)
     held = _unacked(app, timeout)

@@ -33,7 +33,7 @@ def check() -> None:
     import sys
 
     from mcard_tasks import app
-    from mcard_tasks.operations import check_topology
+    from mcard_tasks.admin import check_topology
 
     problems = check_topology(app)
     for problem in problems:
@@ -47,7 +47,7 @@ def check() -> None:
 def declare() -> None:
     """Declare every exchange and queue (dead-letter side first)."""
     from mcard_tasks import app
-    from mcard_tasks.operations import declare_topology
+    from mcard_tasks.admin import declare_topology
 
     declare_topology(app)
     click.echo("declared the mcard topology")

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from mcard_tasks import app
+from mcard_tasks.admin import queue_depths
 from mcard_tasks.cli import main
 from mcard_tasks.ledger import get_ledger
-from mcard_tasks.operations import queue_depths
 from mcard_tasks.tasks import mint, single_mint
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
 from tests.conftest import BROKER_BASE

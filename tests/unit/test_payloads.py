@@ -12,7 +12,7 @@ from mcard_tasks.payloads import (
     check_request_id,
     fingerprint,
 )
-from mcard_tasks.producer import resolve_request_id
+from mcard_tasks.request_task import resolve_request_id
 from mcard_tasks.specs import validate_payload
 
 MINT, SINGLE_MINT, BURN = "mcard.mint", "mcard.single_mint", "mcard.single_burn"

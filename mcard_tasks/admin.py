@@ -5,6 +5,7 @@ Nothing here needs RabbitMQ's management plugin: it uses passive declares and ba
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from celery import Celery
 
 from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import REASON_HEADER
-from mcard_tasks.specs import task_names
+from mcard_tasks.legacy import LEGACY_HEADER, describe
+from mcard_tasks.specs import spec_for_key, task_names
 from mcard_tasks.topology import (
     EXCHANGE,
     Topology,
@@ -108,6 +110,8 @@ class DeadLetter:
     reason: str
     deaths: int
     body: str
+    #: The key of a legacy message (or of the task message translated from one), else None.
+    key: str | None = None
 
 
 def _describe(message: Any) -> DeadLetter:
@@ -118,13 +122,29 @@ def _describe(message: Any) -> DeadLetter:
     )
     raw = message.body
     body = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", "replace")
+    request_id, key = headers.get("id"), headers.get(LEGACY_HEADER)
+    if "task" not in headers:  # no Celery headers: a legacy message names them in its body
+        request_id, key = _legacy_names(body)
     return DeadLetter(
-        request_id=headers.get("id"),
-        task=headers.get("task"),
+        request_id=request_id,
+        task=headers.get("task") or _task_of(key),
         reason=str(reason or "unknown"),
         deaths=sum(int(d.get("count", 1)) for d in deaths),
         body=body[:500],
+        key=key,
     )
+
+
+def _legacy_names(body: str) -> tuple[str | None, str | None]:
+    try:
+        return describe(json.loads(body))
+    except ValueError:  # not JSON at all: it names nothing
+        return None, None
+
+
+def _task_of(key: str | None) -> str | None:
+    spec = None if key is None else spec_for_key(key)
+    return None if spec is None else spec.name
 
 
 def _dlq(queue: str) -> str:
@@ -165,7 +185,7 @@ def replay_dlq(app: Celery, queue: str, limit: int | None = None) -> int:
             message = dlq.get(no_ack=False)
             if message is None:
                 break
-            headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")}
+            headers = _replayed_headers(message.headers or {})
             producer.publish(
                 message.body,
                 exchange=EXCHANGE.name,
@@ -181,6 +201,13 @@ def replay_dlq(app: Celery, queue: str, limit: int | None = None) -> int:
             message.ack()
             replayed += 1
     return replayed
+
+
+def _replayed_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """The headers a replay carries: the broker's and the dead-lettering's (x-death, reason)
+    dropped; the legacy key kept, so a replayed legacy request still counts as one. A legacy
+    letter has none left, and the worker translates it like any other legacy message."""
+    return {k: v for k, v in headers.items() if not k.startswith("x-") or k == LEGACY_HEADER}
 
 
 def purge_dlq(app: Celery, queue: str) -> int:

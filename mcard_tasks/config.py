@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     issuer_latency_ms: float = Field(default=50.0, ge=0)
     issuer_failure_rate: float = Field(default=0.0, ge=0, le=1)
     events_poll_interval: float = Field(default=0.05, gt=0)
+    #: Execute header-less messages of the seed's shape (mcard_tasks.legacy); false: they are
+    #: dead-lettered like any other message without Celery's task headers.
+    legacy_messages: bool = True
     #: Modules whose import registers more task kinds (mcard_tasks.specs.register),
     #: comma-separated; imported when the app is created, before its topology is built.
     specs: str = ""

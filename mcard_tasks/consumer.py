@@ -2,6 +2,9 @@
 
 - Every give-up path (undecodable body, not JSON, no task headers, unknown task, invalid
   message) ends in the queue's dead-letter queue with its reason, instead of an ack.
+- A message without task headers may be a legacy message (the seed's shape): with
+  MCARD_LEGACY_MESSAGES it is republished as the task message of its request
+  (mcard_tasks.legacy), and dead-lettered with the reason if it is not a valid one.
 - Native delayed delivery is declared on the live node the consumer just connected to, so a
   failover resumes consuming at once.
 - Task events are published without confirms: they must never stall the main loop.
@@ -21,7 +24,9 @@ from celery import signals
 from celery.worker.consumer import Consumer
 
 from mcard_tasks.config import settings_of
-from mcard_tasks.deadletter import dead_letter
+from mcard_tasks.deadletter import dead_letter, source_queue
+from mcard_tasks.errors import InvalidLegacyMessageError
+from mcard_tasks.legacy import LegacyRequest, republish, translate
 from mcard_tasks.topology import build_topology
 
 __all__ = ["MCardConsumer"]
@@ -71,8 +76,39 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         dead_letter(self.app, message, f"undecodable body ({message.content_type}): {exc}")
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        dead_letter(self.app, message, "not a Celery task message (no task headers)")
+        """A message without task headers: a legacy message is executed, anything else (or
+        everything, with MCARD_LEGACY_MESSAGES off) dead-lettered with the reason."""
+        if not settings_of(self.app).legacy_messages:
+            self._unknown(message, "legacy messages are off (MCARD_LEGACY_MESSAGES=false)")
+            return
+        if body is None:  # Celery decodes the body only when there are headers without 'task'
+            try:
+                body = message.decode()
+            except Exception as exc:  # whatever the decoder raises: the body is undecodable
+                self.on_decode_error(message, exc)
+                return
+        try:
+            request = translate(body, source_queue(message))
+        except InvalidLegacyMessageError as exc:
+            self._unknown(message, str(exc))
+            return
+        self._execute_legacy(message, request)
+
+    def _unknown(self, message: Any, why: str) -> None:
+        dead_letter(self.app, message, f"not a Celery task message (no task headers); {why}")
         signals.task_rejected.send(sender=self, message=message, exc=None)
+
+    def _execute_legacy(self, message: Any, request: LegacyRequest) -> None:
+        """Republish the request's task message, then ack the original (never before: a
+        crash in between republishes it, and the ledger makes the copy a replay)."""
+        try:
+            republish(self.app, request)
+        except Exception as exc:  # any publish failure: set the original aside, never lose it
+            logger.exception("could not republish legacy message %s", request.request_id)
+            dead_letter(self.app, message, f"legacy message: could not republish it: {exc!r}")
+            return
+        logger.debug("legacy message %s (%s) republished", request.request_id, request.key)
+        message.ack()
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task")

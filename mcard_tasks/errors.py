@@ -19,6 +19,7 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "ImportInterrupted",
+    "InvalidLegacyMessageError",
     "InvalidLinesError",
     "InvalidRequestError",
     "LedgerFailureError",
@@ -42,6 +43,13 @@ class InvalidRequestError(MCardError, ValueError):
         of a subclass's MRO (InvalidLinesError's report goes to BulkImportError)."""
         self.problems = problems
         super().__init__(message or "invalid request: " + "; ".join(problems), **kwargs)
+
+
+class InvalidLegacyMessageError(InvalidRequestError):
+    """Raised when a header-less message is not a valid legacy message of its queue."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems, message="invalid legacy message: " + "; ".join(problems))
 
 
 class ConflictError(MCardError):

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     TextClause,
     bindparam,
+    func,
     insert,
     select,
     text,
@@ -35,7 +36,7 @@ from sqlalchemy.orm import Session
 from mcard_tasks.database import autocommit_engine_for, engine_for
 from mcard_tasks.errors import ConflictError, LedgerUnavailableError
 from mcard_tasks.issuers import Issuer, LedgerIssuer
-from mcard_tasks.models import Card, Operation, OutboxEvent, TaskState
+from mcard_tasks.models import Card, LegacyCount, Operation, OutboxEvent, TaskState
 from mcard_tasks.payloads import Payload, canonical_json, fingerprint
 from mcard_tasks.rules import Verdict, now
 from mcard_tasks.specs import TaskSpec, spec_for
@@ -51,6 +52,7 @@ _CLAIM_ATTEMPTS = 5
 OPERATIONS = cast(Table, Operation.__table__)
 OUTBOX = cast(Table, OutboxEvent.__table__)
 TASK_STATES = cast(Table, TaskState.__table__)
+LEGACY_COUNTS = cast(Table, LegacyCount.__table__)
 #: What is recorded for a request ID: read by a replay and by the pre-publish conflict check.
 _KNOWN = select(OPERATIONS.c.fingerprint, OPERATIONS.c.status, OPERATIONS.c.outcome).where(
     OPERATIONS.c.request_id == bindparam("request_id")
@@ -82,11 +84,13 @@ class _Statements:
     complete: Any  # the pending operation's final outcome, if it is still pending
     finalize_cards: Any  # the reserved cards' final status
     save_state: Any  # upsert of a task state
+    count_legacy: Any  # upsert adding one executed legacy message of a task and key
 
     @classmethod
     def build(cls, dialect: str) -> _Statements:
         insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
         states = insert_(TASK_STATES)
+        counts = insert_(LEGACY_COUNTS)
         return cls(
             claim=insert_(OPERATIONS)
             .on_conflict_do_nothing(index_elements=["request_id"])
@@ -106,6 +110,13 @@ class _Statements:
                 set_={
                     name: states.excluded[name]
                     for name in ("state", "result", "traceback", "updated_at")
+                },
+            ),
+            count_legacy=counts.on_conflict_do_update(
+                index_elements=["task", "legacy_key"],
+                set_={
+                    "executed": LEGACY_COUNTS.c.executed + 1,
+                    "last_executed_at": counts.excluded.last_executed_at,
                 },
             ),
         )
@@ -459,6 +470,21 @@ class Ledger:
                 _statements(connection).save_state,
                 values | {"traceback": traceback, "updated_at": now()},
             )
+
+    def count_legacy(self, task: str, key: str) -> None:
+        """Count one executed legacy message of task that carried key (its own statement,
+        on the legacy path only: the hot path of delay()'s messages is left as it is)."""
+        values = {"task": task, "legacy_key": key, "executed": 1, "last_executed_at": now()}
+        with self._transaction() as connection:
+            connection.execute(_statements(connection).count_legacy, values)
+
+    def legacy_counts(self) -> dict[str, int]:
+        """Executed legacy messages by task (= queue), every key summed."""
+        query = select(LEGACY_COUNTS.c.task, func.sum(LEGACY_COUNTS.c.executed)).group_by(
+            LEGACY_COUNTS.c.task
+        )
+        with _unavailable(), self._reader.connect() as connection:
+            return {str(row[0]): int(row[1]) for row in connection.execute(query)}
 
     @contextmanager
     def pending_events(self, limit: int) -> Iterator[PendingEvents]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, String, Text
+from sqlalchemy import JSON, DateTime, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Card", "Operation", "OutboxEvent", "TaskState"]
+__all__ = ["Base", "Card", "LegacyCount", "Operation", "OutboxEvent", "TaskState"]
 
 
 class Base(DeclarativeBase):
@@ -68,3 +68,15 @@ class OutboxEvent(Base):
     body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class LegacyCount(Base):
+    """How many legacy (seed-shaped) messages of a task were executed, by their key: what
+    tells an operator which old publishers still send (``mcard-tasks queues``)."""
+
+    __tablename__ = "legacy_messages"
+
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    legacy_key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    executed: Mapped[int] = mapped_column(Integer)
+    last_executed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

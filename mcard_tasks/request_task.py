@@ -32,6 +32,7 @@ from mcard_tasks.errors import (
 )
 from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
+from mcard_tasks.legacy import LEGACY_HEADER
 from mcard_tasks.messages import PERSISTENT, published_kwargs
 from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.sent_events import sent_events
@@ -180,5 +181,8 @@ class RequestTask(Task):  # type: ignore[misc]
             )
         except ConflictError as exc:
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
+        legacy_key = getattr(self.request, LEGACY_HEADER, None)
+        if legacy_key is not None:  # translated from a legacy message (mcard_tasks.legacy)
+            ledger.count_legacy(self.name, str(legacy_key))
         outcome: dict[str, Any] = json.loads(outcome_json)
         return outcome  # with MCARD_LOG_TASKS, Celery logs it: "Task ...[<request ID>] succeeded"

@@ -23,7 +23,16 @@ from mcard_tasks.payloads import (
 )
 from mcard_tasks.rules import BURN_ONE_EFFECT, MINT_ONE_EFFECT, Rule, burn_card, mint_cards
 
-__all__ = ["PREFIX", "SPECS", "TaskSpec", "register", "spec_for", "task_names", "validate_payload"]
+__all__ = [
+    "PREFIX",
+    "SPECS",
+    "TaskSpec",
+    "register",
+    "spec_for",
+    "spec_for_key",
+    "task_names",
+    "validate_payload",
+]
 
 #: Every task name starts with it; the bulk import accepts names without it.
 PREFIX = "mcard."
@@ -45,6 +54,8 @@ class TaskSpec:
     fast_effect: PostgreSQL SQL applying the success of a new request on one card, for the
         ledger's one-statement path (None: the general path always decides).
     json_fields: payload fields bound as JSON in fast_effect.
+    legacy_keys: more ``key`` values a legacy (seed-shaped) message of this kind may carry,
+        beside the task name and its underscore form (mcard_tasks.legacy).
     """
 
     name: str
@@ -58,12 +69,19 @@ class TaskSpec:
     doc: str
     fast_effect: str | None = None
     json_fields: tuple[str, ...] = ()
+    legacy_keys: tuple[str, ...] = ()
 
     @property
     def short_name(self) -> str:
         """The name without ``mcard.``, as the bulk import's ``task`` key and the task's
         attribute in mcard_tasks.tasks."""
         return self.name.removeprefix(PREFIX)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every ``key`` a legacy message of this kind may carry: the task name, its
+        underscore form (``mcard_single_mint``) and the spec's own legacy_keys."""
+        return (self.name, self.name.replace(".", "_"), *self.legacy_keys)
 
 
 #: Names the request, the ledger's statements and the enqueue commands use themselves.
@@ -95,6 +113,9 @@ def register(spec: TaskSpec) -> TaskSpec:
         raise ValueError(f"{spec.name}: payload fields {sorted(reserved)} are reserved")
     if spec.command in {other.command for other in SPECS.values()}:
         raise ValueError(f"{spec.name}: command {spec.command!r} is taken")
+    taken = set(spec.keys) & {key for other in SPECS.values() for key in other.keys}
+    if taken:
+        raise ValueError(f"{spec.name}: legacy keys {sorted(taken)} are taken")
     SPECS[spec.name] = spec
     return spec
 
@@ -111,6 +132,11 @@ def spec_for(name: str) -> TaskSpec:
         known = ", ".join(SPECS)
         raise InvalidRequestError([f"task: unknown task {name!r} (known: {known})"])
     return spec
+
+
+def spec_for_key(key: str) -> TaskSpec | None:
+    """The spec whose legacy messages carry key (see TaskSpec.keys), or None."""
+    return next((spec for spec in SPECS.values() if key in spec.keys), None)
 
 
 def validate_payload(task: str, kwargs: dict[str, Any]) -> Payload:
@@ -171,5 +197,7 @@ register(
         command="burn",
         doc="Destroy a card that owner holds.",
         fast_effect=BURN_ONE_EFFECT,
+        # The seed's own word for it: its publishers enqueue burns under this key.
+        legacy_keys=("mcard_burn",),
     )
 )

@@ -38,6 +38,8 @@ def show(queue: str, limit: int) -> None:
     letters = dead_letters(app, queue, limit)
     for letter in letters:
         click.echo(f"{letter.request_id}  {letter.task}  deaths={letter.deaths}")
+        if letter.key is not None:
+            click.echo(f"    key:    {letter.key} (a legacy message)")
         click.echo(f"    reason: {letter.reason}")
         click.echo(f"    body:   {letter.body}")
     click.echo(f"{len(letters)} shown")

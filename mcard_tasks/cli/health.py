@@ -24,20 +24,36 @@ def _unacked(app: Any, timeout: float) -> Counter[str]:
     return held
 
 
+def _legacy_counts(app: Any) -> dict[str, int] | None:
+    """Executed legacy messages by queue, from the ledger; None if it cannot be read (the
+    broker's numbers are shown anyway)."""
+    from mcard_tasks.errors import LedgerUnavailableError
+    from mcard_tasks.ledger import get_ledger
+
+    try:
+        return get_ledger(app.settings.database_url).legacy_counts()
+    except LedgerUnavailableError:
+        return None
+
+
 @click.command("queues")
 @click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for workers.")
 def queues(timeout: float) -> None:
-    """Ready and unacked messages of every task and dead-letter queue (no management plugin)."""
+    """Ready and unacked messages of every task and dead-letter queue (no management plugin),
+    and the legacy messages each task queue executed (ledger; '?' if it cannot be read)."""
     from mcard_tasks import app
     from mcard_tasks.admin import queue_depths
 
     depths = queue_depths(app)
     held = _unacked(app, timeout)
-    click.echo(f"{'queue':<28} {'ready':>8} {'unacked':>8} {'consumers':>9}")
+    legacy = _legacy_counts(app)
+    click.echo(f"{'queue':<28} {'ready':>8} {'unacked':>8} {'consumers':>9} {'legacy':>8}")
     for depth in depths:
         ready = "missing" if depth.ready < 0 else str(depth.ready)
-        unacked = "-" if depth.name.endswith(".dlq") else str(held.get(depth.name, 0))
-        click.echo(f"{depth.name:<28} {ready:>8} {unacked:>8} {depth.consumers:>9}")
+        dlq = depth.name.endswith(".dlq")
+        unacked = "-" if dlq else str(held.get(depth.name, 0))
+        executed = "-" if dlq else "?" if legacy is None else str(legacy.get(depth.name, 0))
+        click.echo(f"{depth.name:<28} {ready:>8} {unacked:>8} {depth.consumers:>9} {executed:>8}")
 
 
 def _check(name: str, probe: Any) -> bool:

@@ -138,7 +138,7 @@ def _describe(message: Any) -> DeadLetter:
 def _legacy_names(body: str) -> tuple[str | None, str | None]:
     try:
         return describe(json.loads(body))
-    except ValueError:  # not JSON at all: it names nothing
+    except (ValueError, RecursionError):  # not JSON (or nested past the parser): no names
         return None, None
 
 

@@ -103,9 +103,21 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         crash in between republishes it, and the ledger makes the copy a replay)."""
         try:
             republish(self.app, request)
-        except Exception as exc:  # any publish failure: set the original aside, never lose it
+        except Exception as exc:  # any publish failure: never lose the original
+            if not message.delivery_info.get("redelivered"):
+                # A passing broker failure (a leader election, a nack): once more, later.
+                logger.warning(
+                    "legacy message %s: republish failed (%r); requeued", request.request_id, exc
+                )
+                message.reject(requeue=True)
+                return
             logger.exception("could not republish legacy message %s", request.request_id)
-            dead_letter(self.app, message, f"legacy message: could not republish it: {exc!r}")
+            dead_letter(
+                self.app,
+                message,
+                f"legacy message: republish failed twice (it may have been"
+                f" published; a replay is safe): {exc!r}",
+            )
             return
         logger.debug("legacy message %s (%s) republished", request.request_id, request.key)
         message.ack()

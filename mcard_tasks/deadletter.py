@@ -46,7 +46,10 @@ def dead_letter(app: Any, message: Any, reason: str) -> None:
     """Move message to its queue's DLQ with reason; fall back to a plain reject."""
     queue = source_queue(message)
     logger.error(
-        "dead-lettering message %s from %s: %s", (message.headers or {}).get("id"), queue, reason
+        "dead-lettering message %s from %s: %s",
+        (message.headers or {}).get("id"),
+        queue,
+        reason[:_REASON_MAX],
     )
     if queue is not None:
         try:
@@ -62,24 +65,33 @@ def dead_letter(app: Any, message: Any, reason: str) -> None:
 def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
     headers = dict(message.headers or {})
     headers[REASON_HEADER] = reason[:_REASON_MAX]
-    properties = message.properties or {}
     with app.producer_pool.acquire(block=True, timeout=10) as producer:
-        producer.publish(
-            message.body,
-            exchange=DEAD_LETTER_EXCHANGE.name,
-            routing_key=queue,
-            headers=headers,
-            content_type=message.content_type or "application/octet-stream",
-            content_encoding=message.content_encoding or "binary",
-            delivery_mode=2,
-            correlation_id=properties.get("correlation_id"),
-            message_id=properties.get("message_id"),
-            retry=False,
-            # Bounded: a blocked broker makes this fail (then the message is rejected and
-            # RabbitMQ dead-letters it) instead of stalling the worker.
-            timeout=settings_of(app).publish_timeout,
-            confirm_timeout=settings_of(app).publish_timeout,
-        )
+        try:
+            _publish(producer, message, queue, headers, app)
+        except BaseException:
+            # A late confirm must not be taken as the next publish's: drop the connection.
+            producer.connection.collect()
+            raise
+
+
+def _publish(producer: Any, message: Any, queue: str, headers: dict[str, Any], app: Any) -> None:
+    properties = message.properties or {}
+    producer.publish(
+        message.body,
+        exchange=DEAD_LETTER_EXCHANGE.name,
+        routing_key=queue,
+        headers=headers,
+        content_type=message.content_type or "application/octet-stream",
+        content_encoding=message.content_encoding or "binary",
+        delivery_mode=2,
+        correlation_id=properties.get("correlation_id"),
+        message_id=properties.get("message_id"),
+        retry=False,
+        # Bounded: a blocked broker makes this fail (then the message is rejected and
+        # RabbitMQ dead-letters it) instead of stalling the worker.
+        timeout=settings_of(app).publish_timeout,
+        confirm_timeout=settings_of(app).publish_timeout,
+    )
 
 
 class DeadLetterRequest(Request):  # type: ignore[misc]

@@ -15,13 +15,15 @@ generated: a retry by the old publisher must stay the same request.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 
 from mcard_tasks.config import settings_of
 from mcard_tasks.errors import InvalidLegacyMessageError, InvalidRequestError
-from mcard_tasks.messages import task_message
+from mcard_tasks.messages import TaskMessage, task_message
 from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.specs import SPECS, TaskSpec, spec_for_key
 
@@ -59,15 +61,25 @@ def translate(body: object, queue: str | None) -> LegacyRequest:
     if not isinstance(body, dict):
         raise InvalidLegacyMessageError([f"body: must be a JSON object (got {_json_type(body)})"])
     problems = [
-        f"{name}: is not a field of a legacy message (only key, data, request_id)"
+        f"{str(name)[:64]}: is not a field of a legacy message (only key, data, request_id)"
         for name in sorted(set(body) - set(_FIELDS), key=str)
     ]
     spec = _spec(body.get("key"), queue, problems)
     request_id = _request_id(body.get("request_id"), problems)
     payload = _payload(spec, body.get("data"), problems)
     if problems or spec is None or request_id is None or payload is None:
-        raise InvalidLegacyMessageError(problems)
+        raise InvalidLegacyMessageError(_capped(problems))
     return LegacyRequest(str(body["key"]), spec, request_id, payload)
+
+
+#: Problems named at most (a hostile body could list millions of unknown fields).
+_MAX_PROBLEMS = 10
+
+
+def _capped(problems: list[str]) -> list[str]:
+    if len(problems) <= _MAX_PROBLEMS:
+        return problems
+    return [*problems[:_MAX_PROBLEMS], f"and {len(problems) - _MAX_PROBLEMS} more problems"]
 
 
 def _spec(key: object, queue: str | None, problems: list[str]) -> TaskSpec | None:
@@ -77,7 +89,7 @@ def _spec(key: object, queue: str | None, problems: list[str]) -> TaskSpec | Non
     spec = spec_for_key(key) if isinstance(key, str) else None
     if spec is None:
         known = ", ".join(k for each in SPECS.values() for k in each.keys)
-        problems.append(f"key: unknown key {key!r} (known: {known})")
+        problems.append(f"key: unknown key {reprlib.repr(key)} (known: {known})")
     elif spec.name != queue:
         problems.append(f"key: {key!r} is for queue {spec.name}, not {queue} where it arrived")
         return None
@@ -123,17 +135,27 @@ def republish(app: Celery, request: LegacyRequest) -> None:
     )
     timeout = settings_of(app).publish_timeout
     with app.producer_pool.acquire(block=True, timeout=timeout) as producer:
-        producer.publish(
-            message.body,
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            headers={**message.headers, LEGACY_HEADER: request.key},
-            serializer=None,
-            retry=False,
-            timeout=timeout,
-            confirm_timeout=timeout,
-            **message.properties,
-        )
+        try:
+            _publish(producer, message, request.key, timeout)
+        except BaseException:
+            # A confirm that comes late would be taken by the connection's next publish as
+            # its own: drop the connection (no closing handshake) rather than pool it again.
+            producer.connection.collect()
+            raise
+
+
+def _publish(producer: Any, message: TaskMessage, key: str, timeout: float) -> None:
+    producer.publish(
+        message.body,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        headers={**message.headers, LEGACY_HEADER: key},
+        serializer=None,
+        retry=False,
+        timeout=timeout,
+        confirm_timeout=timeout,
+        **message.properties,
+    )
 
 
 def describe(body: object) -> tuple[str | None, str | None]:

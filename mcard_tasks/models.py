@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Index, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Base", "Card", "LegacyCount", "Operation", "OutboxEvent", "TaskState"]
@@ -78,5 +78,5 @@ class LegacyCount(Base):
 
     task: Mapped[str] = mapped_column(String(64), primary_key=True)
     legacy_key: Mapped[str] = mapped_column(String(128), primary_key=True)
-    executed: Mapped[int] = mapped_column(Integer)
+    executed: Mapped[int] = mapped_column(BigInteger)
     last_executed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -160,6 +160,14 @@ class RequestTask(Task):  # type: ignore[misc]
         except InvalidRequestError as exc:
             raise Reject(str(exc), requeue=False) from exc
 
+    def _count_legacy(self, ledger: Any, key: str) -> None:
+        """Count the legacy execution, best effort: the request is applied already, and a
+        metric must never fail (or retry) it."""
+        try:
+            ledger.count_legacy(self.name, key)
+        except Exception as exc:  # any database error: the count is only a migration aid
+            logger.warning("legacy message count of %s not kept: %s", self.request.id, exc)
+
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """A transient failure is worth a warning, whether or not per-task lines are logged."""
         logger.warning(
@@ -183,6 +191,6 @@ class RequestTask(Task):  # type: ignore[misc]
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
         legacy_key = getattr(self.request, LEGACY_HEADER, None)
         if legacy_key is not None:  # translated from a legacy message (mcard_tasks.legacy)
-            ledger.count_legacy(self.name, str(legacy_key))
+            self._count_legacy(ledger, str(legacy_key))
         outcome: dict[str, Any] = json.loads(outcome_json)
         return outcome  # with MCARD_LOG_TASKS, Celery logs it: "Task ...[<request ID>] succeeded"

@@ -27,12 +27,11 @@ def _unacked(app: Any, timeout: float) -> Counter[str]:
 def _legacy_counts(app: Any) -> dict[str, int] | None:
     """Executed legacy messages by queue, from the ledger; None if it cannot be read (the
     broker's numbers are shown anyway)."""
-    from mcard_tasks.errors import LedgerUnavailableError
     from mcard_tasks.ledger import get_ledger
 
     try:
         return get_ledger(app.settings.database_url).legacy_counts()
-    except LedgerUnavailableError:
+    except Exception:  # any ledger trouble (down, no table yet, a bad URL): shown as "?"
         return None
 
 

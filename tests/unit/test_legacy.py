@@ -83,3 +83,19 @@ def test_a_legacy_key_belongs_to_one_kind() -> None:
 def test_describe_reads_request_id_and_key_from_any_body() -> None:
     assert describe({"key": "mcard_burn", "request_id": "r-1"}) == ("r-1", "mcard_burn")
     assert describe([1]) == (None, None)
+
+
+def test_a_hostile_body_gets_a_short_reason() -> None:
+    fields = {f"f{i}": i for i in range(50)} | {"key": "x" * 10_000}
+    with pytest.raises(InvalidLegacyMessageError) as raised:
+        translate(fields, "mcard.single_mint")
+    assert len(raised.value.problems) == 11
+    # 50 unknown fields, the unknown key, no request ID, no data: 53, of which 10 are named
+    assert raised.value.problems[-1] == "and 43 more problems"
+    assert len(str(raised.value)) < 2_000
+
+
+def test_dlq_show_names_nothing_for_a_body_nested_past_the_parser() -> None:
+    from mcard_tasks.admin import _legacy_names
+
+    assert _legacy_names("[" * 100_000) == (None, None)

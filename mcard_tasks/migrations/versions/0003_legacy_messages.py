@@ -21,7 +21,7 @@ def upgrade() -> None:
         "legacy_messages",
         sa.Column("task", sa.String(64), primary_key=True),
         sa.Column("legacy_key", sa.String(128), primary_key=True),
-        sa.Column("executed", sa.Integer(), nullable=False),
+        sa.Column("executed", sa.BigInteger(), nullable=False),
         sa.Column("last_executed_at", sa.DateTime(timezone=True), nullable=False),
     )
 

@@ -1,0 +1,275 @@
+"""The request outbox relay: publishes committed outbox rows as the messages delay() publishes.
+
+Each batch is one transaction of the application's database: claim the oldest pending rows
+(``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so relays on other hosts take other rows; SQLite
+takes its one write lock at BEGIN), publish them through a window of pipelined confirms, mark
+the confirmed ones relayed, commit. A relay killed mid-batch commits nothing: its rows are
+published again by the next relay, with the same request ID, and the worker applies a
+request once whatever the copies (at least once to the broker, exactly once at the ledger).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from amqp.exceptions import AMQPError
+from celery import Celery
+from celery.events import Event
+from celery.utils.time import utcoffset
+from kombu.exceptions import KombuError
+from kombu.messaging import Producer
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from mcard_tasks.config import Settings, settings_of
+from mcard_tasks.confirms import ConfirmWindow
+from mcard_tasks.messages import TaskMessage, TaskMessages
+from mcard_tasks.request_outbox import REQUEST_OUTBOX
+from mcard_tasks.sent_events import sent_events
+from mcard_tasks.topology import build_topology
+
+__all__ = ["OutboxStatus", "RequestRelay", "outbox_status"]
+
+logger = logging.getLogger(__name__)
+#: What an unreachable, failing or silent broker raises (a confirm timeout is an OSError).
+BROKER_ERRORS: tuple[type[Exception], ...] = (OSError, AMQPError, KombuError)
+#: What the loop waits out: the broker's errors and the application database's.
+OUTAGES: tuple[type[Exception], ...] = (*BROKER_ERRORS, SQLAlchemyError)
+#: Seconds of idleness after which the broker connection is replaced before publishing: it
+#: has no heartbeats and may have been cut silently (a NAT or load balancer timeout).
+IDLE_REOPEN = 30.0
+_T = REQUEST_OUTBOX.c
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    pending: int
+    #: Seconds since the oldest pending row was written (None: nothing pending).
+    oldest_age: float | None
+    relayed: int  # relayed rows not yet removed by the retention
+
+
+def outbox_status(engine: Engine) -> OutboxStatus:
+    """How many rows wait, how old the oldest is, how many relayed rows are kept."""
+    pending = _T.relayed_at.is_(None)
+    with engine.connect().execution_options(mcard_readonly=True) as connection:
+        waiting, oldest = connection.execute(
+            select(func.count(), func.min(_T.created_at)).where(pending)
+        ).one()
+        relayed = connection.execute(select(func.count()).where(~pending)).scalar_one()
+    age = None if oldest is None else max(0.0, time.time() - float(oldest))
+    return OutboxStatus(int(waiting), age, int(relayed))
+
+
+class RequestRelay:
+    """Relays the request outbox of one application database to the broker."""
+
+    def __init__(self, app: Celery, engine: Engine, settings: Settings | None = None) -> None:
+        self.app, self.engine = app, engine
+        self.settings = settings or settings_of(app)
+        self.messages = TaskMessages(app)
+        self.stopping = threading.Event()
+        self._window: ConfirmWindow | None = None
+        self._events: Producer | None = None
+        self._confirmed: list[str] = []
+        self._purged_at = 0.0
+
+    # --- one batch -----------------------------------------------------------------------
+
+    def relay_batch(self) -> int:
+        """Publish one batch of committed rows; return how many the broker confirmed."""
+        if not self._any_pending():
+            return 0
+        self._ensure_window()  # outside the transaction: SQLite's lock is not held meanwhile
+        with self.engine.begin() as connection:
+            rows = connection.execute(
+                select(_T.id, _T.request_id, _T.task, _T.kwargs)
+                .where(_T.relayed_at.is_(None))
+                .order_by(_T.id)
+                .limit(self.settings.relay_batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            error = self._publish(rows)
+            if self._confirmed:
+                ids = [int(key) for key in self._confirmed]
+                connection.execute(
+                    update(REQUEST_OUTBOX).where(_T.id.in_(ids)).values(relayed_at=time.time())
+                )
+        if error is not None:
+            raise error  # after committing what the broker did confirm
+        return len(self._confirmed)
+
+    def _any_pending(self) -> bool:
+        """A cheap look without locks: an idle relay neither locks nor connects."""
+        with self.engine.connect().execution_options(mcard_readonly=True) as connection:
+            found = connection.execute(
+                select(_T.id).where(_T.relayed_at.is_(None)).limit(1)
+            ).first()
+        return found is not None
+
+    def _ensure_window(self) -> None:
+        window = self._window
+        if window is not None and time.monotonic() - window.used_at > IDLE_REOPEN:
+            window.abort()
+        if window is None or not window.is_open:
+            window = self._window = ConfirmWindow(
+                self.app,
+                self._settled,
+                self.settings.publish_timeout,
+                self.settings.relay_batch,
+                purpose="request relay",
+            )
+            # Declared as delay() declares its queue: on a fresh vhost nothing is unroutable.
+            window.open(build_topology(self.settings).declare)
+            self._events = self._events_producer(window) if self._sends_events else None
+
+    @property
+    def _sends_events(self) -> bool:
+        return bool(self.app.conf.task_send_sent_event)
+
+    def _settled(self, keys: list[str], nacked: bool) -> None:
+        if nacked:  # refused rows stay pending: published again in a later batch
+            logger.warning("request relay: the broker refused %d requests; retrying", len(keys))
+        else:
+            self._confirmed.extend(keys)
+
+    def _publish(self, rows: Sequence[Any]) -> Exception | None:
+        """Publish rows pipelined; the error that cut the batch short, if any."""
+        assert self._window is not None
+        self._confirmed = []
+        try:
+            for row in rows:
+                message = self.messages.build_published(
+                    task=row.task, request_id=row.request_id, kwargs=json.loads(row.kwargs)
+                )
+                self._window.publish(
+                    str(row.id),
+                    message.body,
+                    exchange=message.exchange,
+                    routing_key=message.routing_key,
+                    headers=message.headers,
+                    **message.properties,
+                )
+                self._send_event(message, row.request_id)
+            self._window.wait()
+        except Exception as exc:
+            self._window.abort()  # the unconfirmed rest stays pending
+            return exc
+        except BaseException:
+            self._window.abort()
+            raise
+        return None
+
+    # --- Flower's task-sent event ----------------------------------------------------------
+
+    def _events_producer(self, window: ConfirmWindow) -> Producer:
+        """A channel of the relay's connection outside confirm mode, for the events."""
+        dispatcher = sent_events(self.app)
+        producer = Producer(
+            window.connection.connection.channel(),
+            exchange=dispatcher.exchange,
+            serializer=dispatcher.serializer,
+            auto_declare=False,
+        )
+        producer.declare()
+        return producer
+
+    def _send_event(self, message: TaskMessage, request_id: str) -> None:
+        """The task-sent event Celery sends after delay()'s message (its fields), unconfirmed:
+        monitoring data, never worth failing or slowing a batch for."""
+        if self._events is None:
+            return
+        dispatcher = sent_events(self.app)
+        event = Event(
+            "task-sent",
+            hostname=dispatcher.hostname,
+            utcoffset=utcoffset(),
+            pid=dispatcher.pid,
+            clock=dispatcher.clock.forward(),
+            uuid=request_id,
+            root_id=request_id,
+            parent_id=None,
+            name=message.headers["task"],
+            args=message.headers.get("argsrepr"),
+            kwargs=message.headers.get("kwargsrepr"),
+            retries=0,
+            eta=None,
+            expires=None,
+            queue=message.routing_key,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+        )
+        try:
+            self._events.publish(
+                event,
+                routing_key="task.sent",
+                headers=dispatcher.headers,
+                delivery_mode=dispatcher.delivery_mode,
+                retry=False,
+            )
+        except Exception as exc:
+            logger.warning("task-sent event of %s not sent: %r", request_id, exc)
+            self._events = None
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self, once: bool = False) -> None:
+        """Relay until stopped (once: until nothing is pending); outages are waited out."""
+        backoff, outage = self.settings.relay_poll_interval, None
+        while not self.stopping.is_set():
+            try:
+                relayed = self.relay_batch()
+            except OUTAGES as exc:
+                what = "database" if isinstance(exc, SQLAlchemyError) else "broker"
+                if outage != what:  # once per outage, not once per attempt
+                    logger.warning(
+                        "request relay: the %s is unavailable (%s); retrying with backoff up"
+                        " to %g s",
+                        what,
+                        exc,
+                        self.settings.relay_backoff_max,
+                    )
+                    outage = what
+                backoff = min(max(backoff * 2, 0.1), self.settings.relay_backoff_max)
+                self.stopping.wait(backoff)
+                continue
+            if outage is not None:
+                logger.warning("request relay: the %s is back; relaying", outage)
+                outage, backoff = None, self.settings.relay_poll_interval
+            if relayed >= self.settings.relay_batch:
+                continue  # more may wait: no pause between full batches
+            if once and relayed == 0:
+                break
+            self._purge_if_due()
+            self.stopping.wait(self.settings.relay_poll_interval)
+        self.close()
+
+    def close(self) -> None:
+        if self._window is not None:
+            self._window.close()
+        self._window = self._events = None
+
+    # --- retention -------------------------------------------------------------------------
+
+    def _purge_if_due(self) -> None:
+        # At most once a minute (or once per retention, if shorter): a DELETE every poll
+        # would cost more than the relaying itself.
+        every = min(60.0, self.settings.relay_retention)
+        if time.monotonic() - self._purged_at >= every:
+            self._purged_at = time.monotonic()
+            self.purge()
+
+    def purge(self) -> int:
+        """Remove the rows relayed longer ago than the retention; how many."""
+        cutoff = time.time() - self.settings.relay_retention
+        with self.engine.begin() as connection:
+            done = connection.execute(
+                delete(REQUEST_OUTBOX).where(_T.relayed_at.is_not(None), _T.relayed_at < cutoff)
+            )
+        return int(done.rowcount)

@@ -1,0 +1,119 @@
+"""The request outbox: requests written in the application's own transaction, relayed later.
+
+One table in the APPLICATION's database (not the ledger): ``delay_in`` inserts one row in the
+caller's open transaction, so the request exists exactly when the caller's commit does; the
+relay (mcard_tasks.relay) publishes committed rows. Named ``mcard_request_outbox`` so nobody
+confuses it with the worker's event ``outbox`` in the ledger.
+
+Applications with their own migrations import :data:`REQUEST_OUTBOX` (e.g. into Alembic's
+``target_metadata``); ``mcard-tasks relay init`` creates it otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from mcard_tasks.database import normalize_url
+from mcard_tasks.messages import published_kwargs
+
+if TYPE_CHECKING:
+    from mcard_tasks.payloads import Payload
+
+__all__ = [
+    "METADATA",
+    "REQUEST_OUTBOX",
+    "Database",
+    "create_outbox",
+    "outbox_engine",
+    "outbox_kwargs",
+    "write_request",
+]
+
+METADATA = MetaData()
+
+#: One row per request: relayed_at is NULL until the broker confirmed its message.
+REQUEST_OUTBOX = Table(
+    "mcard_request_outbox",
+    METADATA,
+    # The relay publishes in id order; BIGINT on PostgreSQL, SQLite's rowid alias there.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    # Not unique: a request sent twice is one request at the worker, not an error here.
+    Column("request_id", String(200), nullable=False),
+    Column("task", String(200), nullable=False),
+    #: The published keyword arguments (canonical JSON), as delay() would publish them.
+    Column("kwargs", Text, nullable=False),
+    Column("created_at", Float, nullable=False),  # time.time() of the writing process
+    Column("relayed_at", Float, nullable=True),
+    Index("mcard_request_outbox_pending", "relayed_at", "id"),
+)
+
+#: What delay_in accepts as the caller's transaction.
+Database = Connection | Session
+
+
+def outbox_kwargs(payload: Payload) -> str:
+    """The row's kwargs: the published keyword arguments as JSON, in the payload's field order
+    (json.loads keeps it), so the relay's message body is the one delay() publishes."""
+    return json.dumps(published_kwargs(payload), ensure_ascii=False, separators=(",", ":"))
+
+
+def write_request(db: Database, request_id: str, task: str, kwargs_json: str) -> None:
+    """Insert one request row in db's current transaction (begun if none is; never committed
+    here: the caller's commit is the request's)."""
+    row = {
+        "request_id": request_id,
+        "task": task,
+        "kwargs": kwargs_json,
+        "created_at": time.time(),
+    }
+    db.execute(insert(REQUEST_OUTBOX), row)
+
+
+def outbox_engine(url: str) -> Engine:
+    """An engine on the application's database for the relay's own commands.
+
+    On SQLite every transaction takes the write lock at BEGIN (IMMEDIATE): the relay's claim,
+    publish and mark are one transaction, so two relays never publish one row concurrently.
+    """
+    url = normalize_url(url)
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_size=2, connect_args={"connect_timeout": 5})
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        dbapi_connection.execute("PRAGMA busy_timeout=30000")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # Reads (the relay's look for pending rows, status) take no write lock.
+        readonly = connection.get_execution_options().get("mcard_readonly", False)
+        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def create_outbox(engine: Engine) -> None:
+    """Create the table and its index if missing (idempotent)."""
+    METADATA.create_all(engine, checkfirst=True)

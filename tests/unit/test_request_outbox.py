@@ -1,0 +1,108 @@
+"""The request outbox without a broker: what delay_in writes, and that the relay's message is
+delay()'s."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from mcard_tasks import app
+from mcard_tasks.cli import main
+from mcard_tasks.errors import InvalidRequestError
+from mcard_tasks.messages import TaskMessages
+from mcard_tasks.relay import outbox_status
+from mcard_tasks.request_outbox import REQUEST_OUTBOX, create_outbox, outbox_engine
+from mcard_tasks.specs import validate_payload
+from mcard_tasks.tasks import mint, single_mint
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = outbox_engine(f"sqlite:///{tmp_path / 'app.sqlite3'}")
+    create_outbox(engine)
+    yield engine
+    engine.dispose()
+
+
+def rows(engine: Engine) -> list[Any]:
+    with engine.connect() as connection:
+        return list(connection.execute(select(REQUEST_OUTBOX)))
+
+
+def test_delay_in_writes_one_row_in_the_callers_transaction(engine: Engine) -> None:
+    with engine.begin() as connection:
+        result = single_mint.delay_in(connection, card_id="c1", owner="alice", request_id="r1")
+    assert result.id == "r1"
+    [row] = rows(engine)
+    assert (row.request_id, row.task, row.relayed_at) == ("r1", "mcard.single_mint", None)
+    assert json.loads(row.kwargs) == {"owner": "alice", "card_id": "c1"}
+
+
+def test_a_session_works_and_its_rollback_leaves_nothing(engine: Engine) -> None:
+    with Session(engine) as session:
+        generated = mint.apply_in(session, kwargs={"card_ids": ["a", "b"], "owner": "bob"})
+        session.rollback()
+    assert len(generated.id) == 36  # a new UUID, as delay() gives
+    assert rows(engine) == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "task_id"),
+    [
+        ({"card_id": "c", "owner": ""}, None),
+        ({"card_id": "c", "owner": "o", "colour": "red"}, None),
+        ({"card_id": "c", "owner": "o", "request_id": "a"}, "b"),
+        ({"card_id": "c", "owner": "o", "request_id": 7}, None),
+    ],
+)
+def test_invalid_requests_raise_before_anything_is_written(
+    engine: Engine, fields: dict[str, object], task_id: str | None
+) -> None:
+    with engine.begin() as connection, pytest.raises(InvalidRequestError):
+        single_mint.apply_in(connection, kwargs=fields, task_id=task_id)
+    assert rows(engine) == []
+
+
+def test_the_relayed_message_is_the_one_delay_publishes(engine: Engine) -> None:
+    fields = {"card_id": "c9", "owner": "zoë", "metadata": {"b": 1, "a": [2]}}
+    with engine.begin() as connection:
+        single_mint.delay_in(connection, request_id="r9", **fields)
+    [row] = rows(engine)
+    messages = TaskMessages(app)
+    direct = messages.build(
+        task="mcard.single_mint",
+        request_id="r9",
+        payload=validate_payload("mcard.single_mint", fields),
+    )
+    relayed = messages.build_published(
+        task=row.task, request_id=row.request_id, kwargs=json.loads(row.kwargs)
+    )
+    assert relayed.body == direct.body
+    assert relayed.headers == direct.headers
+    assert (relayed.exchange, relayed.routing_key) == (direct.exchange, direct.routing_key)
+    assert relayed.properties == direct.properties
+
+
+def test_relay_init_is_idempotent_and_status_shows_the_pending(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    runner = CliRunner()
+    for _ in range(2):
+        done = runner.invoke(main, ["relay", "init", "--database", url])
+        assert done.exit_code == 0, done.output
+    engine = outbox_engine(url)
+    with engine.begin() as connection:
+        single_mint.delay_in(connection, card_id="c", owner="o")
+    assert outbox_status(engine).pending == 1
+    shown = runner.invoke(main, ["relay", "status", "--database", url])
+    assert shown.exit_code == 0, shown.output
+    assert "pending     1" in shown.output and "oldest age  " in shown.output
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(REQUEST_OUTBOX)).scalar() == 1
+    engine.dispose()

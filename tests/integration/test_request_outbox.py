@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kombu import Exchange, Queue
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -244,3 +245,41 @@ def test_delay_in_then_delay_is_one_request_and_another_payload_conflicts(
             select(func.count()).where(REQUEST_OUTBOX.c.request_id == request_id)
         ).scalar_one()
     assert count == 2  # two rows, one request
+
+
+def test_two_relays_on_one_database_publish_each_row_once_with_its_task_sent_event(
+    stack: Worker, app_db: Engine, app_db_url: str, tmp_path: Path
+) -> None:
+    """Two relays at once (two hosts): each request's message goes out once, so Flower's
+    task-sent event, sent after each message, is seen once per request."""
+    sent_queue = Queue(
+        f"test-sent-{uuid.uuid4().hex[:8]}",
+        Exchange("celeryev", type="topic"),
+        routing_key="task.sent",
+        durable=False,
+        auto_delete=False,
+    )
+    with app.connection_for_write() as connection:
+        sent_queue(connection.default_channel).declare()
+    try:
+        sent = commit_mints(app_db, 400, f"two-{uuid.uuid4().hex[:8]}")
+        relays = [
+            RelayProcess(app_db_url, tmp_path / f"relay{i}.log", relay_batch="50").start()
+            for i in range(2)
+        ]
+        wait_for(lambda: outbox_status(app_db).pending == 0, 60, "every row relayed")
+        for relay in relays:
+            assert relay.stop() == 0
+        ledger = get_ledger(app.settings.database_url)
+        wait_for(lambda: recorded(ledger, list(sent)) == len(sent), 120, "every outcome")
+        seen: dict[str, int] = {}
+        with app.connection_for_read() as connection:
+            bound = sent_queue(connection.default_channel)
+            while (message := bound.get(no_ack=True)) is not None:
+                event = message.decode()
+                assert event["name"] == "mcard.single_mint"
+                seen[event["uuid"]] = seen.get(event["uuid"], 0) + 1
+        assert {request_id: seen.get(request_id) for request_id in sent} == dict.fromkeys(sent, 1)
+    finally:
+        with app.connection_for_write() as connection:
+            sent_queue(connection.default_channel).delete()

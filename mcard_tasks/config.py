@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     #: one transaction and one window of pipelined confirms), seconds a relayed row is kept,
     #: and the longest wait between attempts while the broker is unreachable.
     relay_poll_interval: float = Field(default=0.02, gt=0)
-    relay_batch: int = Field(default=500, ge=1, le=10_000)
+    relay_batch: int = Field(default=2000, ge=1, le=10_000)
     relay_retention: float = Field(default=86_400.0, ge=0)
     relay_backoff_max: float = Field(default=30.0, gt=0)
     #: Execute header-less messages of the seed's shape (mcard_tasks.legacy); false: they are

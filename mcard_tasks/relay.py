@@ -10,7 +10,6 @@ request once whatever the copies (at least once to the broker, exactly once at t
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -24,13 +23,24 @@ from celery.events import Event
 from celery.utils.time import utcoffset
 from kombu.exceptions import KombuError
 from kombu.messaging import Producer
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Engine,
+    any_,
+    bindparam,
+    delete,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 
 from mcard_tasks.config import Settings, settings_of
 from mcard_tasks.confirms import ConfirmWindow
-from mcard_tasks.messages import TaskMessage, TaskMessages
-from mcard_tasks.request_outbox import REQUEST_OUTBOX
+from mcard_tasks.messages import TaskMessage
+from mcard_tasks.request_outbox import REQUEST_OUTBOX, stored_message
 from mcard_tasks.sent_events import sent_events
 from mcard_tasks.topology import build_topology
 
@@ -73,7 +83,6 @@ class RequestRelay:
     def __init__(self, app: Celery, engine: Engine, settings: Settings | None = None) -> None:
         self.app, self.engine = app, engine
         self.settings = settings or settings_of(app)
-        self.messages = TaskMessages(app)
         self.stopping = threading.Event()
         self._window: ConfirmWindow | None = None
         self._events: Producer | None = None
@@ -89,7 +98,7 @@ class RequestRelay:
         self._ensure_window()  # outside the transaction: SQLite's lock is not held meanwhile
         with self.engine.begin() as connection:
             rows = connection.execute(
-                select(_T.id, _T.request_id, _T.task, _T.kwargs)
+                select(_T.id, _T.request_id, _T.message)
                 .where(_T.relayed_at.is_(None))
                 .order_by(_T.id)
                 .limit(self.settings.relay_batch)
@@ -97,13 +106,21 @@ class RequestRelay:
             ).all()
             error = self._publish(rows)
             if self._confirmed:
-                ids = [int(key) for key in self._confirmed]
                 connection.execute(
-                    update(REQUEST_OUTBOX).where(_T.id.in_(ids)).values(relayed_at=time.time())
+                    update(REQUEST_OUTBOX)
+                    .where(self._among([int(key) for key in self._confirmed]))
+                    .values(relayed_at=time.time())
                 )
         if error is not None:
             raise error  # after committing what the broker did confirm
         return len(self._confirmed)
+
+    def _among(self, ids: list[int]) -> ColumnElement[bool]:
+        """id among ids: one array parameter on PostgreSQL (an IN list of a whole batch costs
+        a bound parameter per row to compile and send), an IN list on SQLite."""
+        if self.engine.dialect.name == "postgresql":
+            return _T.id == any_(bindparam("ids", ids, type_=ARRAY(BigInteger)))
+        return _T.id.in_(ids)
 
     def _any_pending(self) -> bool:
         """A cheap look without locks: an idle relay neither locks nor connects."""
@@ -147,9 +164,7 @@ class RequestRelay:
         offset = utcoffset()  # once per batch: it is a system call
         try:
             for row in rows:
-                message = self.messages.build_published(
-                    task=row.task, request_id=row.request_id, kwargs=json.loads(row.kwargs)
-                )
+                message = stored_message(row.message)
                 self._window.publish(
                     str(row.id),
                     message.body,

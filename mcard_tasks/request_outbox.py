@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -34,9 +35,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from mcard_tasks.database import normalize_url
-from mcard_tasks.messages import published_kwargs
+from mcard_tasks.messages import TaskMessage, TaskMessages
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from mcard_tasks.payloads import Payload
 
 __all__ = [
@@ -45,7 +48,8 @@ __all__ = [
     "Database",
     "create_outbox",
     "outbox_engine",
-    "outbox_kwargs",
+    "outbox_message",
+    "stored_message",
     "write_request",
 ]
 
@@ -60,8 +64,9 @@ REQUEST_OUTBOX = Table(
     # Not unique: a request sent twice is one request at the worker, not an error here.
     Column("request_id", String(200), nullable=False),
     Column("task", String(200), nullable=False),
-    #: The published keyword arguments (canonical JSON), as delay() would publish them.
-    Column("kwargs", Text, nullable=False),
+    #: The message delay() would publish (JSON of a TaskMessage), built at delay_in: the
+    #: relay only publishes it, and its producer fields (origin, reply_to) are the caller's.
+    Column("message", Text, nullable=False),
     Column("created_at", Float, nullable=False),  # time.time() of the writing process
     Column("relayed_at", Float, nullable=True),
     Index("mcard_request_outbox_pending", "relayed_at", "id"),
@@ -69,21 +74,32 @@ REQUEST_OUTBOX = Table(
 
 #: What delay_in accepts as the caller's transaction.
 Database = Connection | Session
+#: The message builder of each app (its constants looked up once, not per request).
+_MESSAGES: weakref.WeakKeyDictionary[Celery, TaskMessages] = weakref.WeakKeyDictionary()
 
 
-def outbox_kwargs(payload: Payload) -> str:
-    """The row's kwargs: the published keyword arguments as JSON, in the payload's field order
-    (json.loads keeps it), so the relay's message body is the one delay() publishes."""
-    return json.dumps(published_kwargs(payload), ensure_ascii=False, separators=(",", ":"))
+def outbox_message(app: Celery, task: str, request_id: str, payload: Payload) -> str:
+    """The row's message: the one delay() publishes for the request (messages.py), as JSON."""
+    messages = _MESSAGES.get(app)
+    if messages is None:
+        messages = _MESSAGES[app] = TaskMessages(app)
+    built = messages.build(task=task, request_id=request_id, payload=payload)
+    return json.dumps(built._asdict(), ensure_ascii=False, separators=(",", ":"))
 
 
-def write_request(db: Database, request_id: str, task: str, kwargs_json: str) -> None:
+def stored_message(text: str) -> TaskMessage:
+    """A row's message, ready for basic_publish (JSON arrays come back as lists: AMQP tables
+    encode lists and tuples alike)."""
+    return TaskMessage(**json.loads(text))
+
+
+def write_request(db: Database, request_id: str, task: str, message_json: str) -> None:
     """Insert one request row in db's current transaction (begun if none is; never committed
     here: the caller's commit is the request's)."""
     row = {
         "request_id": request_id,
         "task": task,
-        "kwargs": kwargs_json,
+        "message": message_json,
         "created_at": time.time(),
     }
     db.execute(insert(REQUEST_OUTBOX), row)

@@ -35,7 +35,7 @@ from mcard_tasks.ledger import get_ledger
 from mcard_tasks.legacy import LEGACY_HEADER
 from mcard_tasks.messages import PERSISTENT, published_kwargs
 from mcard_tasks.payloads import Payload, check_request_id, validate_fields
-from mcard_tasks.request_outbox import Database, outbox_kwargs, write_request
+from mcard_tasks.request_outbox import Database, outbox_message, write_request
 from mcard_tasks.sent_events import sent_events
 from mcard_tasks.specs import TaskSpec
 
@@ -152,7 +152,9 @@ class RequestTask(Task):  # type: ignore[misc]
         by the worker (dead-lettered), as for a publish whose conflict check was skipped.
         """
         request_id, payload, _ = self._resolve(args, kwargs, task_id)
-        write_request(db, request_id, self.name, outbox_kwargs(payload))
+        write_request(
+            db, request_id, self.name, outbox_message(self.app, self.name, request_id, payload)
+        )
         return self.AsyncResult(request_id)
 
     def delay_in(self, db: Database, *args: Any, **kwargs: Any) -> AsyncResult:

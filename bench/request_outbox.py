@@ -89,6 +89,17 @@ def purge(vhost: str) -> None:
         connection.close()
 
 
+def clear(engine: Any) -> None:
+    """Empty the table between rounds (untimed): every round starts alike, and no round's
+    pending rows are relayed (and counted) by the next relay round."""
+    from sqlalchemy import delete
+
+    from mcard_tasks.request_outbox import REQUEST_OUTBOX
+
+    with engine.begin() as connection:
+        connection.execute(delete(REQUEST_OUTBOX))
+
+
 def time_relay(engine: Any, count: int) -> float:
     from mcard_tasks import app
     from mcard_tasks.relay import RequestRelay
@@ -124,19 +135,25 @@ def time_delay_in(engine: Any, count: int) -> float:
 
 
 def time_insert(engine: Any, count: int) -> float:
-    """A plain INSERT of the row delay_in writes, with nothing computed per row but the ids."""
+    """A plain INSERT of a row equal to delay_in's (its message text made from one built
+    untimed, the IDs substituted), with nothing else computed per row."""
     from sqlalchemy import insert
 
-    from mcard_tasks.request_outbox import REQUEST_OUTBOX
+    from mcard_tasks import app
+    from mcard_tasks.request_outbox import REQUEST_OUTBOX, outbox_message
+    from mcard_tasks.specs import validate_payload
 
     tag = unique("ins-")
+    payload = validate_payload("mcard.single_mint", {"card_id": "CARDX", "owner": "bench"})
+    template = outbox_message(app, "mcard.single_mint", "REQX", payload)
     statement = insert(REQUEST_OUTBOX)
     started = time.perf_counter()
     for i in range(count):
+        request_id = f"{tag}-r{i}"
         row = {
-            "request_id": f"{tag}-r{i}",
+            "request_id": request_id,
             "task": "mcard.single_mint",
-            "kwargs": f'{{"owner":"bench","card_id":"{tag}-{i}"}}',
+            "message": template.replace("REQX", request_id).replace("CARDX", f"{tag}-{i}"),
             "created_at": time.time(),
         }
         with engine.begin() as connection:
@@ -207,6 +224,7 @@ def main() -> None:
         for round_, name in rotations(list(variants), args.rounds):
             rounds[name].append(variants[name]())
             purge(vhost)
+            clear(engine)
             say(f"round {round_ + 1} {name}: {rounds[name][-1]:,.0f}/s")
         say()
         for line in median_table(("path", "per s"), rounds, (14, 10)):

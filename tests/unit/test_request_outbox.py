@@ -4,20 +4,21 @@ delay()'s."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from mcard_tasks import app
 from mcard_tasks.cli import main
 from mcard_tasks.errors import InvalidRequestError
 from mcard_tasks.messages import TaskMessages
-from mcard_tasks.relay import outbox_status
+from mcard_tasks.relay import RequestRelay, outbox_status
 from mcard_tasks.request_outbox import (
     REQUEST_OUTBOX,
     create_outbox,
@@ -109,3 +110,25 @@ def test_relay_init_is_idempotent_and_status_shows_the_pending(tmp_path: Path) -
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(REQUEST_OUTBOX)).scalar() == 1
     engine.dispose()
+
+
+def test_relayed_rows_are_removed_after_the_retention_and_pending_ones_never(
+    engine: Engine,
+) -> None:
+    with engine.begin() as connection:
+        for i in range(3):
+            single_mint.delay_in(connection, card_id=f"c{i}", owner="o", request_id=f"r{i}")
+        # r0 relayed two hours ago, r1 just now, r2 still pending.
+        marks = {"r0": time.time() - 7200, "r1": time.time()}
+        for request_id, at in marks.items():
+            connection.execute(
+                update(REQUEST_OUTBOX)
+                .where(REQUEST_OUTBOX.c.request_id == request_id)
+                .values(relayed_at=at)
+            )
+    relay = RequestRelay(app, engine, app.settings.model_copy(update={"relay_retention": 3600}))
+    assert relay.purge() == 1
+    assert sorted(row.request_id for row in rows(engine)) == ["r1", "r2"]
+    status = outbox_status(engine)
+    assert (status.pending, status.relayed) == (1, 1)
+    assert status.oldest_age is not None and 0 <= status.oldest_age < 60

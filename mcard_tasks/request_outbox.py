@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from mcard_tasks.database import normalize_url
+from mcard_tasks.django_outbox import DjangoConnection, write_django
 from mcard_tasks.messages import TaskMessage, TaskMessages
 
 if TYPE_CHECKING:
@@ -72,8 +73,14 @@ REQUEST_OUTBOX = Table(
     Index("mcard_request_outbox_pending", "relayed_at", "id"),
 )
 
-#: What delay_in accepts as the caller's transaction.
-Database = Connection | Session
+#: What delay_in accepts as the caller's transaction: SQLAlchemy's, or Django's connection
+#: inside transaction.atomic() (mcard_tasks.django_outbox).
+Database = Connection | Session | DjangoConnection
+#: Django's cursors take %s placeholders whatever the backend; the columns in row order.
+_DJANGO_INSERT = (
+    "INSERT INTO mcard_request_outbox (request_id, task, message, created_at)"
+    " VALUES (%s, %s, %s, %s)"
+)
 #: The message builder of each app (its constants looked up once, not per request).
 _MESSAGES: weakref.WeakKeyDictionary[Celery, TaskMessages] = weakref.WeakKeyDictionary()
 
@@ -102,7 +109,10 @@ def write_request(db: Database, request_id: str, task: str, message_json: str) -
         "message": message_json,
         "created_at": time.time(),
     }
-    db.execute(insert(REQUEST_OUTBOX), row)
+    if isinstance(db, Connection | Session):
+        db.execute(insert(REQUEST_OUTBOX), row)
+    else:
+        write_django(db, _DJANGO_INSERT, row)
 
 
 def outbox_engine(url: str) -> Engine:

@@ -270,7 +270,9 @@ class RequestRelay:
                 outage, backoff = None, self.settings.relay_poll_interval
             if relayed >= self.settings.relay_batch:
                 continue  # more may wait: no pause between full batches
-            if once and relayed == 0:
+            # Nothing confirmed is not nothing pending: refused rows, or rows another relay
+            # holds, still wait; --once ends only when none is left.
+            if once and relayed == 0 and not self._any_pending():
                 break
             self._purge_if_due()
             self.stopping.wait(self.settings.relay_poll_interval)

@@ -123,7 +123,7 @@ class RequestRelay:
         return _T.id.in_(ids)
 
     def _any_pending(self) -> bool:
-        """A cheap look without locks: an idle relay neither locks nor connects."""
+        """A cheap look without locks: an idle relay opens no broker connection."""
         with self.engine.connect().execution_options(mcard_readonly=True) as connection:
             found = connection.execute(
                 select(_T.id).where(_T.relayed_at.is_(None)).limit(1)

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     issuer_latency_ms: float = Field(default=50.0, ge=0)
     issuer_failure_rate: float = Field(default=0.0, ge=0, le=1)
     events_poll_interval: float = Field(default=0.05, gt=0)
+    #: The request outbox relay (mcard_tasks.relay): seconds between looks for committed
+    #: requests (a short poll: see the README's latency note), requests per batch (each batch
+    #: one transaction and one window of pipelined confirms), seconds a relayed row is kept,
+    #: and the longest wait between attempts while the broker is unreachable.
+    relay_poll_interval: float = Field(default=0.02, gt=0)
+    relay_batch: int = Field(default=2000, ge=1, le=10_000)
+    relay_retention: float = Field(default=86_400.0, ge=0)
+    relay_backoff_max: float = Field(default=30.0, gt=0)
     #: Execute header-less messages of the seed's shape (mcard_tasks.legacy); false: they are
     #: dead-lettered like any other message without Celery's task headers.
     legacy_messages: bool = True

@@ -26,6 +26,7 @@ __all__ = [
     "LedgerUnavailableError",
     "LedgerWaitTimeoutError",
     "MCardError",
+    "NoTransactionError",
     "TopologyDriftError",
     "TransientError",
 ]
@@ -65,6 +66,10 @@ class ConflictError(MCardError):
 
 class ConfigurationError(MCardError):
     """Raised when an MCARD_* setting cannot be used."""
+
+
+class NoTransactionError(MCardError):
+    """Raised when delay_in is given a Django connection outside ``transaction.atomic()``."""
 
 
 class TransientError(MCardError):

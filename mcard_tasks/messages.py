@@ -111,7 +111,13 @@ class TaskMessages:
         """The message of the request: Celery's ``send_task_message`` and kombu's
         ``Producer.publish`` build it this way (``as_task_v2``, then the task serializer;
         priority 0 is kombu's default); correlation_id = task id = request ID."""
-        kwargs = published_kwargs(payload)
+        return self.build_published(
+            task=task, request_id=request_id, kwargs=published_kwargs(payload)
+        )
+
+    def build_published(self, *, task: str, request_id: str, kwargs: dict[str, Any]) -> TaskMessage:
+        """The message of a request whose published keyword arguments are kwargs (validated
+        before: the request outbox stores them so, and its relay publishes them)."""
         headers, properties, body, _ = self.app.amqp.as_task_v2(
             request_id,
             task,

@@ -35,6 +35,7 @@ from mcard_tasks.ledger import get_ledger
 from mcard_tasks.legacy import LEGACY_HEADER
 from mcard_tasks.messages import PERSISTENT, published_kwargs
 from mcard_tasks.payloads import Payload, check_request_id, validate_fields
+from mcard_tasks.request_outbox import Database, outbox_message, write_request
 from mcard_tasks.sent_events import sent_events
 from mcard_tasks.specs import TaskSpec
 
@@ -84,12 +85,7 @@ class RequestTask(Task):  # type: ignore[misc]
         task_id: str | None = None,
         **options: Any,
     ) -> AsyncResult:
-        fields = dict(kwargs or {})
-        given = fields.get("request_id", task_id)
-        request_id = resolve_request_id(fields.pop("request_id", None), task_id)
-        if args:
-            raise InvalidRequestError(["args: pass the request's fields as keyword arguments"])
-        payload = self.validate(fields)
+        request_id, payload, given = self._resolve(args, kwargs, task_id)
         # A generated ID cannot conflict; a retry of the running task is the same request.
         check = given is not None and request_id != self.request.id
         settings = settings_of(self.app)
@@ -128,6 +124,42 @@ class RequestTask(Task):  # type: ignore[misc]
                 f" (gave up after {time.monotonic() - started:.1f} s: {exc!r});"
                 " it may not be enqueued: publishing again with the same request ID is safe"
             ) from exc
+
+    def _resolve(
+        self, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None, task_id: str | None
+    ) -> tuple[str, Payload, object]:
+        """The request ID, the validated payload, and the ID as the caller gave it (or None)."""
+        fields = dict(kwargs or {})
+        given = fields.get("request_id", task_id)
+        request_id = resolve_request_id(fields.pop("request_id", None), task_id)
+        if args:
+            raise InvalidRequestError(["args: pass the request's fields as keyword arguments"])
+        return request_id, self.validate(fields), given
+
+    def apply_in(
+        self,
+        db: Database,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        task_id: str | None = None,
+    ) -> AsyncResult:
+        """Write the request into the caller's open transaction on db (its SQLAlchemy
+        Connection or Session); the relay publishes it once that transaction commits.
+
+        Validated and identified exactly as by apply_async, every error raised before the row
+        is written. Nothing touches the broker or the ledger: the caller's commit is as fast
+        and as available as its own database. A conflicting reuse of the request ID is found
+        by the worker (dead-lettered), as for a publish whose conflict check was skipped.
+        """
+        request_id, payload, _ = self._resolve(args, kwargs, task_id)
+        write_request(
+            db, request_id, self.name, outbox_message(self.app, self.name, request_id, payload)
+        )
+        return self.AsyncResult(request_id)
+
+    def delay_in(self, db: Database, *args: Any, **kwargs: Any) -> AsyncResult:
+        """``delay()`` inside the caller's transaction on db (see :meth:`apply_in`)."""
+        return self.apply_in(db, args, kwargs)
 
     def _refuse_conflict(self, request_id: str, payload: Payload) -> None:
         """Raise ConflictError if request_id is recorded with another payload.

@@ -65,12 +65,13 @@ def _register() -> None:
         enqueue,
         events,
         health,
+        relay,
         status,
         topology,
         worker,
     )
 
-    for module in (enqueue, bulk, status, topology, dlq, events, health, demo, worker):
+    for module in (enqueue, bulk, relay, status, topology, dlq, events, health, demo, worker):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -12,7 +12,13 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
-__all__ = ["autocommit_engine_for", "engine_for", "normalize_url", "upgrade_schema"]
+__all__ = [
+    "autocommit_engine_for",
+    "engine_for",
+    "normalize_url",
+    "sqlite_engine",
+    "upgrade_schema",
+]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _ENGINES: dict[tuple[int, str], Engine] = {}
@@ -43,7 +49,13 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def _sqlite_engine(url: str) -> Engine:
+def sqlite_engine(url: str, *, wal: bool = True) -> Engine:
+    """An SQLite engine whose write transactions take the write lock at BEGIN (IMMEDIATE), and
+    whose writers wait for each other (busy timeout) instead of failing.
+
+    wal: switch the file to WAL, so readers run beside the one writer (the ledger's own file;
+    an application's database keeps the journal mode its owner chose).
+    """
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -51,11 +63,11 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # WAL lets readers run beside the one writer; busy_timeout makes writers wait in
-        # turn instead of failing. We issue BEGIN ourselves (pysqlite's own is deferred).
+        # We issue BEGIN ourselves (pysqlite's own is deferred).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        if wal:
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
@@ -71,7 +83,7 @@ def _sqlite_engine(url: str) -> Engine:
 
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
+        return sqlite_engine(url)
     # No pre-ping (a round trip per transaction): a connection gone stale (the server
     # restarted) fails its transaction, which is retried as a transient error, and SQLAlchemy
     # then replaces every connection older than the failure. Reads of outcomes and task states

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     BigInteger,
@@ -28,13 +28,12 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
-    event,
     insert,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from mcard_tasks.database import normalize_url
+from mcard_tasks.database import normalize_url, sqlite_engine
 from mcard_tasks.django_outbox import DjangoConnection, write_django
 from mcard_tasks.messages import TaskMessage, TaskMessages
 
@@ -124,20 +123,7 @@ def outbox_engine(url: str) -> Engine:
     url = normalize_url(url)
     if not url.startswith("sqlite"):
         return create_engine(url, pool_size=2, connect_args={"connect_timeout": 5})
-    engine = create_engine(url, connect_args={"timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
-        dbapi_connection.execute("PRAGMA busy_timeout=30000")
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        # Reads (the relay's look for pending rows, status) take no write lock.
-        readonly = connection.get_execution_options().get("mcard_readonly", False)
-        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
-
-    return engine
+    return sqlite_engine(url, wal=False)
 
 
 def create_outbox(engine: Engine) -> None:

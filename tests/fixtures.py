@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,3 +336,59 @@ def stack(ledger_url: str, worker_factory: Callable[..., Worker]) -> Iterator[Wo
     use_ledger(ledger_url)
     yield worker
     assert worker.stop() == 0, "a warm shutdown (SIGTERM) exits 0"
+
+
+class Subscriber:
+    """A durable queue bound to mcard.events with a pattern; messages collected as they come."""
+
+    def __init__(self, pattern: str) -> None:
+        from kombu.entity import Queue
+
+        from mcard_tasks import app
+        from mcard_tasks.topology import EVENTS_EXCHANGE
+
+        self.queue = Queue(
+            f"test-events-{uuid.uuid4().hex[:8]}",
+            EVENTS_EXCHANGE,
+            routing_key=pattern,
+            durable=True,
+            auto_delete=False,
+        )
+        with app.connection_for_write() as connection:
+            EVENTS_EXCHANGE(connection.default_channel).declare()
+            self.queue(connection.default_channel).declare()
+        self.messages: list[Any] = []
+
+    def collect(self) -> list[Any]:
+        from mcard_tasks import app
+
+        with app.connection_for_read() as connection:
+            bound = self.queue(connection.default_channel)
+            while (message := bound.get(no_ack=True)) is not None:
+                self.messages.append(message)
+        return self.messages
+
+    def by_request(self) -> dict[str, list[Any]]:
+        grouped: dict[str, list[Any]] = {}
+        for message in self.messages:
+            grouped.setdefault(message.properties["message_id"], []).append(message)
+        return grouped
+
+    def delete(self) -> None:
+        from mcard_tasks import app
+
+        with app.connection_for_write() as connection:
+            self.queue(connection.default_channel).delete()
+
+
+@pytest.fixture
+def subscriber() -> Iterator[Callable[[str], Subscriber]]:
+    made: list[Subscriber] = []
+
+    def make(pattern: str) -> Subscriber:
+        made.append(Subscriber(pattern))
+        return made[-1]
+
+    yield make
+    for sub in made:
+        sub.delete()

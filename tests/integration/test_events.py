@@ -4,67 +4,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
-from kombu.entity import Queue
 
-from mcard_tasks import app
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.tasks import single_burn, single_mint
-from mcard_tasks.topology import EVENTS_EXCHANGE
-from tests.fixtures import Worker, recorded, use_ledger, wait_for
+from tests.fixtures import Subscriber, Worker, recorded, use_ledger, wait_for
 from tests.integration.test_faults import assert_each_minted_exactly_once, send_mints
 
 pytestmark = pytest.mark.integration
-
-
-class Subscriber:
-    """A durable queue bound to mcard.events with a pattern; messages collected as they come."""
-
-    def __init__(self, pattern: str) -> None:
-        self.queue = Queue(
-            f"test-events-{uuid.uuid4().hex[:8]}",
-            EVENTS_EXCHANGE,
-            routing_key=pattern,
-            durable=True,
-            auto_delete=False,
-        )
-        with app.connection_for_write() as connection:
-            EVENTS_EXCHANGE(connection.default_channel).declare()
-            self.queue(connection.default_channel).declare()
-        self.messages: list[Any] = []
-
-    def collect(self) -> list[Any]:
-        with app.connection_for_read() as connection:
-            bound = self.queue(connection.default_channel)
-            while (message := bound.get(no_ack=True)) is not None:
-                self.messages.append(message)
-        return self.messages
-
-    def by_request(self) -> dict[str, list[Any]]:
-        grouped: dict[str, list[Any]] = {}
-        for message in self.messages:
-            grouped.setdefault(message.properties["message_id"], []).append(message)
-        return grouped
-
-    def delete(self) -> None:
-        with app.connection_for_write() as connection:
-            self.queue(connection.default_channel).delete()
-
-
-@pytest.fixture
-def subscriber() -> Iterator[Callable[[str], Subscriber]]:
-    made: list[Subscriber] = []
-
-    def make(pattern: str) -> Subscriber:
-        made.append(Subscriber(pattern))
-        return made[-1]
-
-    yield make
-    for sub in made:
-        sub.delete()
 
 
 def test_each_outcome_is_published_once_and_a_replay_publishes_nothing(

@@ -29,8 +29,7 @@ from mcard_tasks.relay import RequestRelay, outbox_status
 from mcard_tasks.request_outbox import REQUEST_OUTBOX, create_outbox, outbox_engine
 from mcard_tasks.tasks import single_mint
 from tests.conftest import SESSION
-from tests.fixtures import ROOT, Worker, _database, drain_dlq, recorded, wait_for
-from tests.integration.test_events import Subscriber
+from tests.fixtures import ROOT, Subscriber, Worker, _database, drain_dlq, recorded, wait_for
 from tests.integration.test_faults import assert_each_minted_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -60,19 +59,6 @@ def app_db(app_db_url: str) -> Iterator[Engine]:
     engine = outbox_engine(app_db_url)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def subscriber() -> Iterator[Callable[[str], Subscriber]]:
-    made: list[Subscriber] = []
-
-    def make(pattern: str) -> Subscriber:
-        made.append(Subscriber(pattern))
-        return made[-1]
-
-    yield make
-    for sub in made:
-        sub.delete()
 
 
 class RelayProcess:

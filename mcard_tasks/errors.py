@@ -69,7 +69,8 @@ class ConfigurationError(MCardError):
 
 
 class NoTransactionError(MCardError):
-    """Raised when delay_in is given a Django connection outside ``transaction.atomic()``."""
+    """Raised when delay_in is given no open transaction to write in: a SQLAlchemy Connection
+    outside a transaction or in AUTOCOMMIT, or a Django connection outside ``atomic()``."""
 
 
 class TransientError(MCardError):

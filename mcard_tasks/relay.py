@@ -248,9 +248,17 @@ class RequestRelay:
     def run(self, once: bool = False) -> None:
         """Relay until stopped (once: until nothing is pending); outages are waited out."""
         backoff, outage = self.settings.relay_poll_interval, None
+        try:
+            self._loop(once, backoff, outage)
+        finally:
+            self.close()
+
+    def _loop(self, once: bool, backoff: float, outage: str | None) -> None:
         while not self.stopping.is_set():
             try:
                 relayed = self.relay_batch()
+                self._purge_if_due()  # under a steady backlog too
+                done = once and relayed == 0 and not self._any_pending()
             except OUTAGES as exc:
                 what = "database" if isinstance(exc, SQLAlchemyError) else "broker"
                 if outage != what:  # once per outage, not once per attempt
@@ -272,11 +280,9 @@ class RequestRelay:
                 continue  # more may wait: no pause between full batches
             # Nothing confirmed is not nothing pending: refused rows, or rows another relay
             # holds, still wait; --once ends only when none is left.
-            if once and relayed == 0 and not self._any_pending():
+            if done:
                 break
-            self._purge_if_due()
             self.stopping.wait(self.settings.relay_poll_interval)
-        self.close()
 
     def close(self) -> None:
         if self._window is not None:

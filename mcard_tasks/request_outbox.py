@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from mcard_tasks.database import normalize_url, sqlite_engine
 from mcard_tasks.django_outbox import DjangoConnection, write_django
+from mcard_tasks.errors import NoTransactionError
 from mcard_tasks.messages import TaskMessage, TaskMessages
 
 if TYPE_CHECKING:
@@ -108,10 +109,26 @@ def write_request(db: Database, request_id: str, task: str, message_json: str) -
         "message": message_json,
         "created_at": time.time(),
     }
+    if isinstance(db, Connection):
+        _check_transaction(db)
     if isinstance(db, Connection | Session):
         db.execute(insert(REQUEST_OUTBOX), row)
     else:
         write_django(db, _DJANGO_INSERT, row)
+
+
+def _check_transaction(connection: Connection) -> None:
+    """Refuse a connection whose row would commit on its own (AUTOCOMMIT) or that has no
+    transaction of the caller's to commit with (a request must exist exactly when it does).
+
+    A Session is fine: it begins its transaction on first use and commits with the caller.
+    """
+    autocommit = connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    if autocommit or not connection.in_transaction():
+        raise NoTransactionError(
+            "delay_in needs the caller's open transaction: use engine.begin() or"
+            " connection.begin(), not a connection in AUTOCOMMIT or outside a transaction"
+        )
 
 
 def outbox_engine(url: str) -> Engine:

@@ -15,7 +15,10 @@ database_option = click.option(
     "database",
     required=True,
     metavar="URL",
-    help="The application's database (SQLAlchemy URL), which holds mcard_request_outbox.",
+    # From the environment too: a password in a command line is visible to every local user.
+    envvar="MCARD_RELAY_DATABASE",
+    help="The application's database (SQLAlchemy URL), which holds mcard_request_outbox;"
+    " or MCARD_RELAY_DATABASE (keeps its password out of the process list).",
 )
 
 
@@ -53,6 +56,7 @@ def run(database: str, once: bool) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    logging.getLogger(__name__).info("request relay: running (SIGTERM stops it after its batch)")
     relayer.run(once=once)
 
 

@@ -23,11 +23,10 @@ from mcard_tasks.ledger import get_ledger
 from mcard_tasks.legacy import LEGACY_HEADER
 from mcard_tasks.models import Operation
 from mcard_tasks.tasks import TASKS, single_mint
-from tests.fixtures import Worker, drain_dlq, wait_for
-from tests.integration.test_events import Subscriber, subscriber
+from tests.fixtures import Subscriber, Worker, drain_dlq, wait_for
 
 pytestmark = pytest.mark.integration
-__all__ = ["QUEUE_PUBLISHERS", "legacy_publish", "subscriber"]
+__all__ = ["QUEUE_PUBLISHERS", "legacy_publish"]
 TIMEOUT = 20
 
 # The seed's publisher, as the old service wrote it.

@@ -254,6 +254,12 @@ def test_two_relays_on_one_database_publish_each_row_once_with_its_task_sent_eve
             for i in range(2)
         ]
         wait_for(lambda: outbox_status(app_db).pending == 0, 60, "every row relayed")
+        # A SIGTERM before a relay has installed its handler (still importing) would kill it.
+        wait_for(
+            lambda: all("request relay: running" in r.log.read_text() for r in relays),
+            60,
+            "both relays running",
+        )
         for relay in relays:
             assert relay.stop() == 0
         ledger = get_ledger(app.settings.database_url)

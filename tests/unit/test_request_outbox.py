@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from mcard_tasks import app
 from mcard_tasks.cli import main
-from mcard_tasks.errors import InvalidRequestError
+from mcard_tasks.errors import InvalidRequestError, NoTransactionError
 from mcard_tasks.messages import TaskMessages
 from mcard_tasks.relay import RequestRelay, outbox_status
 from mcard_tasks.request_outbox import (
@@ -49,6 +49,18 @@ def test_delay_in_writes_one_row_in_the_callers_transaction(engine: Engine) -> N
     [row] = rows(engine)
     assert (row.request_id, row.task, row.relayed_at) == ("r1", "mcard.single_mint", None)
     assert json.loads(stored_message(row.message).body)[1] == {"owner": "alice", "card_id": "c1"}
+
+
+def test_a_connection_without_the_callers_transaction_is_refused_and_writes_nothing(
+    engine: Engine,
+) -> None:
+    with engine.connect() as connection, pytest.raises(NoTransactionError, match="begin"):
+        single_mint.delay_in(connection, card_id="c1", owner="alice", request_id="r-none")
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    with autocommit.connect() as connection, pytest.raises(NoTransactionError):
+        connection.begin()
+        single_mint.delay_in(connection, card_id="c1", owner="alice", request_id="r-auto")
+    assert rows(engine) == []
 
 
 def test_a_session_works_and_its_rollback_leaves_nothing(engine: Engine) -> None:

@@ -13,13 +13,35 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from amqp.exceptions import AMQPError
 from celery import Celery
+from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-__all__ = ["ConfirmWindow"]
+from mcard_tasks.config import settings_of
+
+__all__ = ["BROKER_ERRORS", "IDLE_REOPEN", "ConfirmWindow", "publish_confirmed"]
 
 #: Called with the keys the broker settled, and whether it refused them (nack).
 OnSettled = Callable[[list[str], bool], None]
+#: What an unreachable, failing or silent broker raises here (a confirm timeout is an OSError).
+BROKER_ERRORS: tuple[type[Exception], ...] = (OSError, AMQPError, KombuError)
+#: Seconds of idleness after which a window's connection is replaced before publishing: it
+#: has no heartbeats and may have been cut silently (a NAT or load balancer timeout).
+IDLE_REOPEN = 30.0
+
+
+def publish_confirmed(app: Celery, body: Any, **options: Any) -> None:
+    """One publish on the app's producer pool, confirmed within MCARD_PUBLISH_TIMEOUT, no
+    retry. A publish that fails drops its connection (no closing handshake) instead of
+    pooling it again: a confirm that comes late would be taken by its next publish."""
+    timeout = settings_of(app).publish_timeout
+    with app.producer_pool.acquire(block=True, timeout=timeout) as producer:
+        try:
+            producer.publish(body, retry=False, timeout=timeout, confirm_timeout=timeout, **options)
+        except BaseException:
+            producer.connection.collect()
+            raise
 
 
 class ConfirmWindow:
@@ -49,6 +71,12 @@ class ConfirmWindow:
     @property
     def is_open(self) -> bool:
         return self.channel is not None
+
+    def abort_if_idle(self) -> None:
+        """Drop a connection idle for IDLE_REOPEN (no closing handshake, which a dead
+        connection would make us wait for): the next open starts afresh."""
+        if self.is_open and time.monotonic() - self.used_at > IDLE_REOPEN:
+            self.abort()
 
     def open(self, declare: Callable[[Any], None] | None = None) -> None:
         """Connect (bounded by the timeout) and open the confirm channel; declare(channel)."""

@@ -21,7 +21,7 @@ from typing import Any
 from celery.exceptions import Reject
 from celery.worker.request import Request
 
-from mcard_tasks.config import settings_of
+from mcard_tasks.confirms import publish_confirmed
 from mcard_tasks.specs import task_names
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
 
@@ -65,18 +65,11 @@ def dead_letter(app: Any, message: Any, reason: str) -> None:
 def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
     headers = dict(message.headers or {})
     headers[REASON_HEADER] = reason[:_REASON_MAX]
-    with app.producer_pool.acquire(block=True, timeout=10) as producer:
-        try:
-            _publish(producer, message, queue, headers, app)
-        except BaseException:
-            # A late confirm must not be taken as the next publish's: drop the connection.
-            producer.connection.collect()
-            raise
-
-
-def _publish(producer: Any, message: Any, queue: str, headers: dict[str, Any], app: Any) -> None:
     properties = message.properties or {}
-    producer.publish(
+    # Bounded: a blocked broker makes this fail (then the message is rejected and RabbitMQ
+    # dead-letters it) instead of stalling the worker.
+    publish_confirmed(
+        app,
         message.body,
         exchange=DEAD_LETTER_EXCHANGE.name,
         routing_key=queue,
@@ -86,11 +79,6 @@ def _publish(producer: Any, message: Any, queue: str, headers: dict[str, Any], a
         delivery_mode=2,
         correlation_id=properties.get("correlation_id"),
         message_id=properties.get("message_id"),
-        retry=False,
-        # Bounded: a blocked broker makes this fail (then the message is rejected and
-        # RabbitMQ dead-letters it) instead of stalling the worker.
-        timeout=settings_of(app).publish_timeout,
-        confirm_timeout=settings_of(app).publish_timeout,
     )
 
 

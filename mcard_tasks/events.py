@@ -36,8 +36,6 @@ __all__ = ["Event", "OutboxRelay", "subscribe"]
 
 logger = logging.getLogger(__name__)
 BATCH = 500
-#: Seconds of idleness after which the relay reconnects before publishing.
-IDLE_REOPEN = 30.0
 
 
 class OutboxRelay:
@@ -82,11 +80,8 @@ class OutboxRelay:
             (refused if nacked else confirmed).extend(request_ids)
 
         window = self._window
-        if window is not None and time.monotonic() - window.used_at > IDLE_REOPEN:
-            # The relay's connection has no heartbeats and may have been cut silently while
-            # idle (a NAT or load balancer timeout): start afresh rather than find out late,
-            # without a closing handshake that a dead connection would make us wait for.
-            window.abort()
+        if window is not None:
+            window.abort_if_idle()
         if window is None or not window.is_open:
             timeout = settings_of(self.app).publish_timeout
             window = self._window = ConfirmWindow(

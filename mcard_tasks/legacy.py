@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import reprlib
 from dataclasses import dataclass
-from typing import Any
 
 from celery import Celery
 
-from mcard_tasks.config import settings_of
+from mcard_tasks.confirms import publish_confirmed
 from mcard_tasks.errors import InvalidLegacyMessageError, InvalidRequestError
-from mcard_tasks.messages import TaskMessage, task_message
+from mcard_tasks.messages import task_message
 from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.specs import SPECS, TaskSpec, spec_for_key
 
@@ -128,32 +127,18 @@ def republish(app: Celery, request: LegacyRequest) -> None:
     """Publish the task message ``delay()`` would publish for request, with LEGACY_HEADER.
 
     Confirmed by the broker within MCARD_PUBLISH_TIMEOUT, or it raises: a blocked broker
-    fails it instead of stalling the consumer (then the original is dead-lettered).
+    fails it instead of stalling the consumer.
     """
     message = task_message(
         app, task=request.spec.name, request_id=request.request_id, payload=request.payload
     )
-    timeout = settings_of(app).publish_timeout
-    with app.producer_pool.acquire(block=True, timeout=timeout) as producer:
-        try:
-            _publish(producer, message, request.key, timeout)
-        except BaseException:
-            # A confirm that comes late would be taken by the connection's next publish as
-            # its own: drop the connection (no closing handshake) rather than pool it again.
-            producer.connection.collect()
-            raise
-
-
-def _publish(producer: Any, message: TaskMessage, key: str, timeout: float) -> None:
-    producer.publish(
+    publish_confirmed(
+        app,
         message.body,
         exchange=message.exchange,
         routing_key=message.routing_key,
-        headers={**message.headers, LEGACY_HEADER: key},
+        headers={**message.headers, LEGACY_HEADER: request.key},
         serializer=None,
-        retry=False,
-        timeout=timeout,
-        confirm_timeout=timeout,
         **message.properties,
     )
 

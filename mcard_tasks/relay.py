@@ -17,11 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from amqp.exceptions import AMQPError
 from celery import Celery
 from celery.events import Event
 from celery.utils.time import utcoffset
-from kombu.exceptions import KombuError
 from kombu.messaging import Producer
 from sqlalchemy import (
     BigInteger,
@@ -38,7 +36,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 
 from mcard_tasks.config import Settings, settings_of
-from mcard_tasks.confirms import ConfirmWindow
+from mcard_tasks.confirms import BROKER_ERRORS, ConfirmWindow
 from mcard_tasks.messages import TaskMessage
 from mcard_tasks.request_outbox import REQUEST_OUTBOX, stored_message
 from mcard_tasks.sent_events import sent_events
@@ -47,13 +45,8 @@ from mcard_tasks.topology import build_topology
 __all__ = ["OutboxStatus", "RequestRelay", "outbox_status"]
 
 logger = logging.getLogger(__name__)
-#: What an unreachable, failing or silent broker raises (a confirm timeout is an OSError).
-BROKER_ERRORS: tuple[type[Exception], ...] = (OSError, AMQPError, KombuError)
 #: What the loop waits out: the broker's errors and the application database's.
 OUTAGES: tuple[type[Exception], ...] = (*BROKER_ERRORS, SQLAlchemyError)
-#: Seconds of idleness after which the broker connection is replaced before publishing: it
-#: has no heartbeats and may have been cut silently (a NAT or load balancer timeout).
-IDLE_REOPEN = 30.0
 _T = REQUEST_OUTBOX.c
 
 
@@ -132,8 +125,8 @@ class RequestRelay:
 
     def _ensure_window(self) -> None:
         window = self._window
-        if window is not None and time.monotonic() - window.used_at > IDLE_REOPEN:
-            window.abort()
+        if window is not None:
+            window.abort_if_idle()
         if window is None or not window.is_open:
             window = self._window = ConfirmWindow(
                 self.app,

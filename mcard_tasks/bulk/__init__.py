@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 from mcard_tasks.application import app as default_app
 from mcard_tasks.bulk.conflicts import ConflictCheck, Verdict
 from mcard_tasks.bulk.lines import Line, Lines, Request, Source, parse_line
-from mcard_tasks.bulk.publisher import BROKER_ERRORS, Publisher
+from mcard_tasks.bulk.publisher import Publisher
 from mcard_tasks.bulk.report import ImportReport
 from mcard_tasks.config import settings_of
+from mcard_tasks.confirms import BROKER_ERRORS
 from mcard_tasks.errors import (
     BrokerFailureError,
     BulkImportError,

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from amqp.exceptions import AMQPError
-from kombu.exceptions import KombuError
-
 from mcard_tasks.config import settings_of
 from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.messages import TaskMessages
@@ -18,10 +15,7 @@ if TYPE_CHECKING:
     from mcard_tasks.bulk.lines import Request
     from mcard_tasks.bulk.report import ImportReport
 
-__all__ = ["BROKER_ERRORS", "Publisher"]
-
-#: What a failing, unreachable or silent broker raises here (a confirm timeout is an OSError).
-BROKER_ERRORS: tuple[type[BaseException], ...] = (OSError, AMQPError, KombuError)
+__all__ = ["Publisher"]
 
 
 class Publisher:

@@ -11,12 +11,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from amqp.exceptions import NotFound, PreconditionFailed
+from amqp.exceptions import AccessRefused, NotFound, PreconditionFailed
 from celery import Celery
+from kombu.entity import Exchange
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import REASON_HEADER
 from mcard_tasks.legacy import LEGACY_HEADER, describe
+from mcard_tasks.roles import CELERY_EVENTS
 from mcard_tasks.specs import spec_for_key, task_names
 from mcard_tasks.topology import (
     EXCHANGE,
@@ -51,14 +57,30 @@ def _channel(app: Celery) -> Iterator[Any]:
 
 
 def declare_topology(app: Celery) -> None:
-    """Declare every exchange and queue (idempotent when nothing drifted)."""
-    with _channel(app) as channel:
-        topology_of(app).declare(channel)
+    """Declare every exchange and queue (idempotent when nothing drifted): the deploy step.
+
+    Also what workers and producers declare on the fly with MCARD_DECLARE=true: Celery's event
+    exchange and, for quorum queues, Celery's native delayed delivery bound to each task queue.
+    """
+    topology = topology_of(app)
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1)
+        topology.declare(connection.default_channel)
+        Exchange(CELERY_EVENTS, type="topic", durable=True).bind(
+            connection.default_channel
+        ).declare()
+        if settings_of(app).queue_type == "quorum":
+            declare_native_delayed_delivery_exchanges_and_queues(connection, "quorum")
+            for queue in topology.task_queues:
+                bind_queue_to_native_delayed_delivery_exchange(connection, queue)
 
 
-def check_topology(app: Celery) -> list[str]:
-    """Problems found between the broker and the declared topology (empty when all is well)."""
+def check_topology(app: Celery, notes: list[str] | None = None) -> list[str]:
+    """Problems found between the broker and the declared topology (empty when all is well);
+    what could not be checked is appended to notes."""
     problems: list[str] = []
+    notes = [] if notes is None else notes
+    compare = True
     topology = topology_of(app)
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
@@ -73,10 +95,19 @@ def check_topology(app: Celery) -> list[str]:
             except NotFound:
                 problems.append(f"queue {queue.name} is missing")
                 continue
+            if not compare:
+                continue
             try:  # an equivalent declare is a no-op; a different argument is refused
                 queue(connection.channel()).queue_declare()
             except PreconditionFailed as exc:
                 problems.append(explain_drift(exc))
+            except AccessRefused:
+                # The operator role may not configure: existence checked, arguments not.
+                compare = False
+                notes.append(
+                    "queue arguments not compared: this broker user may not declare (configure"
+                    " permission); run `mcard-tasks topology check` as the deploy role for that"
+                )
     return problems
 
 

@@ -18,6 +18,7 @@ from mcard_tasks.bootsteps import RelayOutbox
 from mcard_tasks.config import Settings, get_settings
 from mcard_tasks.errors import ConfigurationError
 from mcard_tasks.flower import configure_flower_if_running
+from mcard_tasks.identity import check_identity
 from mcard_tasks.topology import EXCHANGE, build_topology
 
 __all__ = ["MCardApp", "app", "celery_config", "create_app"]
@@ -154,6 +155,7 @@ def create_app(settings: Settings | None = None) -> MCardApp:
     """
     settings = settings or get_settings()
     load_spec_modules(settings)
+    check_identity(settings)
     app = MCardApp("mcard_tasks", include=["mcard_tasks.tasks"])
     os.register_at_fork(after_in_child=lambda: _forget_parent_connections(app))
     app.settings = settings

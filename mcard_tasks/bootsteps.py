@@ -49,6 +49,8 @@ class LiveNodeDelayedDelivery(DelayedDelivery):  # type: ignore[misc]
     def start(self, c: Any) -> None:
         app = c.app
         self._validate_configuration(app)
+        if not app.settings.declare:  # the deploy step declared and bound it
+            return
         try:
             declare_native_delayed_delivery_exchanges_and_queues(
                 c.connection, app.conf.broker_native_delayed_delivery_queue_type

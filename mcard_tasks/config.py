@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     #: Modules whose import registers more task kinds (mcard_tasks.specs.register),
     #: comma-separated; imported when the app is created, before its topology is built.
     specs: str = ""
+    #: Declare the topology from every process (the embedded setup). false: producers and
+    #: workers only check it passively and fail naming what is missing; the deploy step
+    #: (``mcard-tasks topology declare``, as the broker's deploy role) declares it, and a
+    #: producer needs no configure permission at all.
+    declare: bool = True
+    #: Broker users whose task messages the worker executes, comma-separated: ``app,ops``
+    #: (every task) and ``task=user`` entries for one task (``mcard.single_burn=support``).
+    #: Empty: every user the broker lets publish. The worker's own user is always allowed.
+    producers: str = ""
 
     @property
     def spec_modules(self) -> list[str]:

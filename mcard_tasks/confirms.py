@@ -19,6 +19,7 @@ from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from mcard_tasks.config import settings_of
+from mcard_tasks.identity import broker_user
 
 __all__ = ["BROKER_ERRORS", "IDLE_REOPEN", "ConfirmWindow", "publish_confirmed"]
 
@@ -36,6 +37,7 @@ def publish_confirmed(app: Celery, body: Any, **options: Any) -> None:
     retry. A publish that fails drops its connection (no closing handshake) instead of
     pooling it again: a confirm that comes late would be taken by its next publish."""
     timeout = settings_of(app).publish_timeout
+    options.setdefault("user_id", broker_user(app))
     with app.producer_pool.acquire(block=True, timeout=timeout) as producer:
         try:
             producer.publish(body, retry=False, timeout=timeout, confirm_timeout=timeout, **options)
@@ -67,6 +69,8 @@ class ConfirmWindow:
         self.connection: Any = None
         self.channel: Any = None
         self.used_at = 0.0  # time.monotonic() of the last open or publish
+        #: Every message's user_id: this process's broker user (RabbitMQ checks it).
+        self.user_id = broker_user(app)
 
     @property
     def is_open(self) -> bool:
@@ -155,6 +159,7 @@ class ConfirmWindow:
         """Publish one message under key, waiting first if the window is full."""
         if len(self.pending) >= self.window:
             self.wait(self.window - 1)
+        properties["user_id"] = self.user_id
         message = self.channel.prepare_message(
             body,
             properties.pop("priority", 0),

@@ -5,10 +5,15 @@
 - A message without task headers may be a legacy message (the seed's shape): with
   MCARD_LEGACY_MESSAGES it is republished as the task message of its request
   (mcard_tasks.legacy), and dead-lettered with the reason if it is not a valid one.
+- Only the task kinds of mcard-tasks run: a message naming any other task (Celery's
+  built-ins such as ``celery.chord_unlock`` included) is an unknown task, dead-lettered.
+- With MCARD_PRODUCERS, a message whose ``user_id`` is not an allowed producer of its task is
+  dead-lettered with a reason naming the user (mcard_tasks.identity), before anything runs.
 - Native delayed delivery is declared on the live node the consumer just connected to, so a
   failover resumes consuming at once.
 - Task events are published without confirms: they must never stall the main loop.
-- The whole topology is declared on every (re)connection, before anything consumes: Celery
+- The whole topology is declared (or, with MCARD_DECLARE=false, checked) on every
+  (re)connection, before anything consumes: Celery
   declares only the queues it consumes, and at-least-once dead-lettering needs the
   dead-letter exchange and queues first. A queue declared on the broker with other arguments
   stops the worker with TopologyDriftError in plain words (Celery would reconnect forever on
@@ -21,12 +26,15 @@ import logging
 from typing import Any, ClassVar
 
 from celery import signals
+from celery.app.trace import build_tracer
 from celery.worker.consumer import Consumer
 
 from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import dead_letter, source_queue
 from mcard_tasks.errors import InvalidLegacyMessageError
+from mcard_tasks.identity import ProducerPolicy, producer_policy
 from mcard_tasks.legacy import LegacyRequest, republish, translate
+from mcard_tasks.specs import task_names
 from mcard_tasks.topology import build_topology
 
 __all__ = ["MCardConsumer"]
@@ -46,18 +54,55 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
             for step in Consumer.Blueprint.default_steps
         ]
 
+    #: MCARD_PRODUCERS as the worker applies it (None: every producer), set with strategies.
+    _policy: ProducerPolicy | None = None
+
     def connect(self) -> Any:
         """The consuming connection, with the whole topology declared on it first."""
         connection = super().connect()
         settings = settings_of(self.app)
         try:
-            build_topology(settings).declare(connection.default_channel)
+            build_topology(settings).prepare(connection.default_channel)
         except BaseException:
             # Celery keeps (and later closes) only a connection that connect() returned.
             connection.collect()
             raise
-        logger.info("declared the mcard topology (%s queues)", settings.queue_type)
+        done = "declared" if settings.declare else "checked"
+        logger.info("%s the mcard topology (%s queues)", done, settings.queue_type)
         return connection
+
+    def update_strategies(self) -> None:
+        """Strategies for the task kinds of mcard-tasks only: any other name (Celery's
+        built-ins too) finds none and is dead-lettered as an unknown task. With
+        MCARD_PRODUCERS, each strategy first checks the message's producer."""
+        policy = self._policy = producer_policy(self.app)
+        ours = set(task_names())
+        loader = self.app.loader
+        for name, task in self.app.tasks.items():
+            if name not in ours:
+                self.strategies.pop(name, None)
+                continue
+            strategy = task.start_strategy(self.app, self)
+            if policy is not None:
+                strategy = self._guarded(name, strategy, policy)
+            self.strategies[name] = strategy
+            task.__trace__ = build_tracer(name, task, loader, self.hostname, app=self.app)
+
+    def _guarded(self, name: str, strategy: Any, policy: ProducerPolicy) -> Any:
+        """strategy, run only for a message whose user_id may publish task name."""
+
+        def guarded(message: Any, *args: Any, **kwargs: Any) -> Any:
+            refusal = policy.refusal(name, (message.properties or {}).get("user_id"))
+            if refusal is not None:
+                self._refuse(message, refusal)
+                return None
+            return strategy(message, *args, **kwargs)
+
+        return guarded
+
+    def _refuse(self, message: Any, reason: str) -> None:
+        dead_letter(self.app, message, reason)
+        signals.task_rejected.send(sender=self, message=message, exc=None)
 
     def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
         """The connection of the worker's task events (Celery's Events step is its one user).
@@ -92,6 +137,13 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         except InvalidLegacyMessageError as exc:
             self._unknown(message, str(exc))
             return
+        policy = self._policy
+        if policy is not None:
+            user = (message.properties or {}).get("user_id")
+            refusal = policy.refusal(request.spec.name, user)
+            if refusal is not None:
+                self._refuse(message, f"{refusal} (a legacy message)")
+                return
         self._execute_legacy(message, request)
 
     def _unknown(self, message: Any, why: str) -> None:

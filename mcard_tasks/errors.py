@@ -28,6 +28,7 @@ __all__ = [
     "MCardError",
     "NoTransactionError",
     "TopologyDriftError",
+    "TopologyMissingError",
     "TransientError",
 ]
 
@@ -95,6 +96,10 @@ class BrokerUnavailableError(MCardError):
 
 class TopologyDriftError(MCardError):
     """Raised when a queue or exchange on the broker differs from the declared topology."""
+
+
+class TopologyMissingError(MCardError):
+    """Raised with MCARD_DECLARE=false when exchanges or queues are not on the broker."""
 
 
 class BulkImportError(MCardError):

@@ -30,7 +30,7 @@ from kombu.messaging import Consumer
 from mcard_tasks.config import settings_of
 from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.ledger import Ledger, get_ledger
-from mcard_tasks.topology import EVENTS_EXCHANGE
+from mcard_tasks.topology import EVENTS_EXCHANGE, build_topology
 
 __all__ = ["Event", "OutboxRelay", "subscribe"]
 
@@ -87,7 +87,7 @@ class OutboxRelay:
             window = self._window = ConfirmWindow(
                 self.app, settled, timeout, BATCH, purpose="outbox relay"
             )
-            window.open(lambda channel: EVENTS_EXCHANGE.bind(channel).declare())
+            window.open(build_topology(settings_of(self.app)).prepare_events)
         window.on_settled = settled
         try:
             for request_id, routing_key, body in rows:

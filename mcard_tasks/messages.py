@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from celery.utils.saferepr import saferepr
 from kombu.serialization import dumps
 
+from mcard_tasks.identity import broker_user
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -99,6 +101,7 @@ class TaskMessages:
         self.reprs = FastReprs(app)
         self.serializer: str = app.conf.task_serializer
         self.routes: dict[str, tuple[str, str]] = {}
+        self.user_id = broker_user(app)
 
     def route(self, task: str) -> tuple[str, str]:
         """The exchange and routing key of task (see :func:`route`), cached."""
@@ -134,6 +137,7 @@ class TaskMessages:
             content_encoding=content_encoding,
             delivery_mode=PERSISTENT,
             priority=0,
+            user_id=self.user_id,
         )
         return TaskMessage(headers, properties, data, *self.route(task))
 

@@ -136,7 +136,7 @@ class RequestRelay:
                 purpose="request relay",
             )
             # Declared as delay() declares its queue: on a fresh vhost nothing is unroutable.
-            window.open(build_topology(self.settings).declare)
+            window.open(build_topology(self.settings).prepare)
             self._events = self._events_producer(window) if self._sends_events else None
 
     @property
@@ -189,7 +189,8 @@ class RequestRelay:
             serializer=dispatcher.serializer,
             auto_declare=False,
         )
-        producer.declare()
+        if self.settings.declare:
+            producer.declare()
         return producer
 
     def _sent_event(self, message: TaskMessage, request_id: str, offset: int) -> dict[str, Any]:
@@ -231,6 +232,7 @@ class RequestRelay:
                 headers=dispatcher.headers,
                 delivery_mode=dispatcher.delivery_mode,
                 retry=False,
+                user_id=self._window.user_id if self._window is not None else None,
             )
         except Exception as exc:  # never worth failing a confirmed batch for
             logger.warning("%d task-sent events not sent: %r", len(events), exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import weakref
 from functools import partial
 from typing import Any
 
@@ -30,6 +31,7 @@ from mcard_tasks.errors import (
     LedgerUnavailableError,
     TransientError,
 )
+from mcard_tasks.identity import broker_user
 from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.legacy import LEGACY_HEADER
@@ -38,6 +40,7 @@ from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.request_outbox import Database, outbox_message, write_request
 from mcard_tasks.sent_events import sent_events
 from mcard_tasks.specs import TaskSpec
+from mcard_tasks.topology import build_topology
 
 __all__ = ["RequestTask", "resolve_request_id"]
 
@@ -56,6 +59,17 @@ def resolve_request_id(request_id: object, task_id: object) -> str:
     if chosen is None:
         return str(uuid.uuid4())
     return check_request_id(chosen, "request_id" if request_id is not None else "task_id")
+
+
+#: Apps whose topology this process checked (MCARD_DECLARE=false): once, before the first
+#: publish, so that a missing queue fails loudly instead of its messages going unrouted.
+_CHECKED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _check_topology_once(app: Any, connection: Any) -> None:
+    if app not in _CHECKED:
+        build_topology(settings_of(app)).check(connection.default_channel)
+        _CHECKED.add(app)
 
 
 class RequestTask(Task):  # type: ignore[misc]
@@ -103,6 +117,9 @@ class RequestTask(Task):  # type: ignore[misc]
         options.setdefault("event_dispatcher", sent_events(self.app))
         # What the message is (messages.py, shared with the bulk import); Celery builds it.
         options.setdefault("delivery_mode", PERSISTENT)
+        # Producer identity: RabbitMQ refuses a user_id other than the connection's user, so
+        # the worker (MCARD_PRODUCERS) and event subscribers can trust it.
+        options.setdefault("user_id", broker_user(self.app))
         publish = partial(
             super().apply_async, args=(), kwargs=published_kwargs(payload), task_id=request_id
         )
@@ -111,6 +128,8 @@ class RequestTask(Task):  # type: ignore[misc]
         started = time.monotonic()
         try:
             with self.app.producer_pool.acquire(block=True, timeout=limit) as producer:
+                if not settings.declare:
+                    _check_topology_once(self.app, producer.connection)
                 try:
                     return publish(producer=producer, **options)
                 except PUBLISH_ERRORS:

@@ -32,6 +32,7 @@ from celery.utils.time import utcoffset
 from kombu.messaging import Producer
 
 from mcard_tasks.config import settings_of
+from mcard_tasks.identity import broker_user
 
 __all__ = ["SentEvents", "sent_events"]
 
@@ -89,7 +90,8 @@ class SentEvents(EventDispatcher):  # type: ignore[misc]
             events = Producer(
                 channel, exchange=self.exchange, serializer=self.serializer, auto_declare=False
             )
-            events.declare()  # once per channel, instead of a cache lookup per event
+            if settings_of(self.app).declare:
+                events.declare()  # once per channel, instead of a cache lookup per event
             self._producers[raw] = events
         return events
 
@@ -124,6 +126,7 @@ class SentEvents(EventDispatcher):  # type: ignore[misc]
                 delivery_mode=self.delivery_mode,
                 retry=False,
                 timeout=settings_of(self.app).publish_timeout,
+                user_id=broker_user(self.app),
             )
         except Exception as exc:  # monitoring data: it must never fail a confirmed publish
             logger.warning("task-sent event of %s not sent: %r", fields.get("uuid"), exc)

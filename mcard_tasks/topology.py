@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from amqp.exceptions import PreconditionFailed
+from amqp.exceptions import NotFound, PreconditionFailed
 from kombu.entity import Exchange, Queue
 
 from mcard_tasks.config import Settings
-from mcard_tasks.errors import TopologyDriftError
+from mcard_tasks.errors import TopologyDriftError, TopologyMissingError
 from mcard_tasks.specs import task_names
 
 __all__ = [
@@ -75,6 +75,8 @@ class Topology:
 
     task_queues: tuple[Queue, ...]
     dead_letter_queues: tuple[Queue, ...]
+    #: MCARD_DECLARE: whether producers and workers declare (else they only check).
+    declares: bool = True
 
     @property
     def exchanges(self) -> tuple[Exchange, ...]:
@@ -104,9 +106,69 @@ class Topology:
             for exchange in self.exchanges:
                 exchange.bind(channel).declare()
             for queue in self.dead_letter_queues + self.task_queues:
-                queue.bind(channel).declare()
+                # Explicitly: with MCARD_DECLARE=false the queues say no_declare, so that
+                # Celery and kombu never declare them on their own.
+                bound = queue.bind(channel)
+                bound.queue_declare()
+                bound.queue_bind()
         except PreconditionFailed as exc:
             raise TopologyDriftError(explain_drift(exc)) from exc
+
+    def missing(self, channel: Any) -> list[str]:
+        """The exchanges and queues not on the broker (passive declares, each on a channel
+        of its own: a NotFound closes the channel it happened on). Needs no permission."""
+        connection = channel.connection
+        found: list[str] = []
+        probes: list[tuple[str, Any]] = [(f"exchange {e.name}", e) for e in self.exchanges]
+        probes += [(f"queue {q.name}", q) for q in self.dead_letter_queues + self.task_queues]
+        for label, entity in probes:
+            probe = connection.channel()
+            try:
+                if isinstance(entity, Queue):
+                    entity.bind(probe).queue_declare(passive=True)
+                else:
+                    entity.bind(probe).declare(passive=True)
+            except NotFound:
+                found.append(label)
+                continue
+            probe.close()
+        return found
+
+    def check(self, channel: Any) -> None:
+        """Raise TopologyMissingError naming everything that is not on the broker."""
+        missing = self.missing(channel)
+        if missing:
+            raise TopologyMissingError(
+                f"the broker lacks {', '.join(missing)} (MCARD_DECLARE=false: this process"
+                " does not declare); run `mcard-tasks topology declare` as the deploy role"
+            )
+
+    def prepare_events(self, channel: Any) -> None:
+        """Before publishing outcome events: declare or check the events exchange."""
+        if self.declares:
+            EVENTS_EXCHANGE.bind(channel).declare()
+        elif self.missing_exchange(channel, EVENTS_EXCHANGE):
+            raise TopologyMissingError(
+                f"the broker lacks exchange {EVENTS_EXCHANGE.name} (MCARD_DECLARE=false); run"
+                " `mcard-tasks topology declare` as the deploy role"
+            )
+
+    @staticmethod
+    def missing_exchange(channel: Any, exchange: Exchange) -> bool:
+        probe = channel.connection.channel()
+        try:
+            exchange.bind(probe).declare(passive=True)
+        except NotFound:
+            return True
+        probe.close()
+        return False
+
+    def prepare(self, channel: Any) -> None:
+        """Before using the broker: declare everything (MCARD_DECLARE=true) or check it."""
+        if self.declares:
+            self.declare(channel)
+        else:
+            self.check(channel)
 
 
 _INEQUIVALENT = re.compile(
@@ -130,6 +192,7 @@ def explain_drift(exc: PreconditionFailed) -> str:
 def build_topology(settings: Settings) -> Topology:
     """Build the topology for the settings' queue type and delivery limit."""
     queue_type, delivery_limit = settings.queue_type, settings.delivery_limit
+    no_declare = not settings.declare
     task_queues = tuple(
         Queue(
             name,
@@ -138,6 +201,7 @@ def build_topology(settings: Settings) -> Topology:
             durable=True,
             auto_delete=False,
             queue_arguments=task_queue_arguments(name, queue_type, delivery_limit),
+            no_declare=no_declare,
         )
         for name in task_names()
     )
@@ -149,7 +213,10 @@ def build_topology(settings: Settings) -> Topology:
             durable=True,
             auto_delete=False,
             queue_arguments={"x-queue-type": queue_type},
+            no_declare=no_declare,
         )
         for name in task_names()
     )
-    return Topology(task_queues=task_queues, dead_letter_queues=dead_letter_queues)
+    return Topology(
+        task_queues=task_queues, dead_letter_queues=dead_letter_queues, declares=settings.declare
+    )

@@ -31,7 +31,7 @@ class Publisher:
     def open(self) -> None:
         """Connect and declare the topology, as delay() declares its queue before publishing:
         on a fresh vhost nothing published is unroutable."""
-        self.window.open(build_topology(settings_of(self.app)).declare)
+        self.window.open(build_topology(settings_of(self.app)).prepare)
 
     def publish(self, request: Request) -> None:
         """Publish one request, waiting first if the window is full."""

@@ -59,6 +59,7 @@ def main() -> None:
 
 def _register() -> None:
     from mcard_tasks.cli import (
+        broker,
         bulk,
         demo,
         dlq,
@@ -71,7 +72,8 @@ def _register() -> None:
         worker,
     )
 
-    for module in (enqueue, bulk, relay, status, topology, dlq, events, health, demo, worker):
+    modules = (enqueue, bulk, relay, status, topology, broker, dlq, events, health, demo, worker)
+    for module in modules:
         for command in module.COMMANDS:
             main.add_command(command)
 

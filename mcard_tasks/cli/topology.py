@@ -35,7 +35,10 @@ def check() -> None:
     from mcard_tasks import app
     from mcard_tasks.admin import check_topology
 
-    problems = check_topology(app)
+    notes: list[str] = []
+    problems = check_topology(app, notes)
+    for note in notes:
+        click.secho(f"note: {note}", fg="yellow", err=True)
     for problem in problems:
         click.secho(f"drift: {problem}", fg="red", err=True)
     if problems:

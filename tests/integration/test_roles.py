@@ -1,0 +1,363 @@
+"""Each broker role's user on the real broker: it does its job, and nothing outside it.
+
+The module's own vhost holds one user per role of ``mcard-tasks broker permissions ROLE``
+(and an intruder with the producer's permissions, not listed in MCARD_PRODUCERS). Every
+process but the deploy step runs with MCARD_DECLARE=false. The test process itself reads the
+dead-letter queues and the ledger to see what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from amqp.exceptions import AccessRefused, PreconditionFailed
+from kombu import Connection, Producer
+
+from mcard_tasks import app
+from mcard_tasks.identity import UNAUTHORIZED_PRODUCER
+from mcard_tasks.ledger import get_ledger
+from mcard_tasks.messages import TaskMessages
+from mcard_tasks.roles import ROLES, permissions
+from mcard_tasks.specs import task_names
+from tests.conftest import SESSION
+from tests.fixtures import CONSOLE_SCRIPT, ROOT, Worker, rabbitmqctl, recorded, wait_for
+
+pytestmark = pytest.mark.integration
+HOST = "127.0.0.1:5672"
+QUEUE = "mcard.single_mint"
+
+
+@dataclass
+class Realm:
+    """The module's vhost and a user per role."""
+
+    vhost: str
+    passwords: dict[str, str]
+    ledger_url: str
+
+    def user(self, role: str) -> str:
+        return f"{role}-{SESSION}"
+
+    def url(self, role: str) -> str:
+        return f"amqp://{self.user(role)}:{self.passwords[role]}@{HOST}/{self.vhost}"
+
+    def env(self, role: str, **settings: str) -> dict[str, str]:
+        env = dict(os.environ, MCARD_BROKER_URL=self.url(role), MCARD_DATABASE_URL=self.ledger_url)
+        env["MCARD_DECLARE"] = "false" if role != "deploy" else "true"
+        env.update({f"MCARD_{key.upper()}": value for key, value in settings.items()})
+        return env
+
+    def cli(self, role: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(CONSOLE_SCRIPT), *args],
+            cwd=ROOT,
+            env=self.env(role),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def connection(self, role: str) -> Connection:
+        """A confirming connection as role: a refused publish raises at once."""
+        return Connection(self.url(role), transport_options={"confirm_publish": True})
+
+    def admin(self) -> Connection:
+        return Connection(f"amqp://guest:guest@{HOST}/{self.vhost}")
+
+
+def _add_user(user: str, password: str) -> None:
+    # The password on stdin: never on a command line.
+    subprocess.run(
+        ["rabbitmqctl", "add_user", user],
+        input=password,
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
+    vhost = f"mcard-roles-{SESSION}"
+    ledger = tmp_path_factory.mktemp("roles") / "ledger.sqlite3"
+    found = Realm(vhost, {}, f"sqlite:///{ledger}")
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        for role in (*ROLES, "intruder"):
+            found.passwords[role] = secrets.token_hex(12)
+            _add_user(found.user(role), found.passwords[role])
+            granted = permissions("producer" if role == "intruder" else role)
+            rabbitmqctl(
+                "set_permissions",
+                "-p",
+                vhost,
+                found.user(role),
+                granted.configure,
+                granted.write,
+                granted.read,
+            )
+        yield found
+    finally:
+        for role in found.passwords:
+            rabbitmqctl("delete_user", found.user(role))
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def consumers(realm: Realm) -> dict[str, int]:
+    lines = rabbitmqctl("list_queues", "-q", "-p", realm.vhost, "name", "consumers")
+    counts = {}
+    for line in lines.splitlines():
+        name, _, count = line.partition("\t")
+        if count.strip().isdigit():
+            counts[name] = int(count)
+    return counts
+
+
+def letters(realm: Realm, queue: str = QUEUE) -> dict[str, str]:
+    """Request ID (or body) to reason of every dead letter now in queue's DLQ (taken)."""
+    found: dict[str, str] = {}
+    with realm.admin() as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get(f"{queue}.dlq", no_ack=True)) is not None:
+            headers = message.headers or {}
+            body = message.body
+            text = body if isinstance(body, str) else bytes(body).decode("utf-8", "replace")
+            key = headers.get("id") or text
+            found[str(key)] = str(headers.get("x-mcard-reason"))
+    return found
+
+
+def wait_for_letters(realm: Realm, count: int, queue: str = QUEUE) -> dict[str, str]:
+    taken: dict[str, str] = {}
+
+    def enough() -> bool:
+        taken.update(letters(realm, queue))
+        return len(taken) >= count
+
+    wait_for(enough, 30, f"{count} dead letters in {queue}.dlq")
+    return taken
+
+
+def task_message(request_id: str, task: str = QUEUE, **fields: Any) -> Any:
+    fields = fields or {"owner": "alice", "card_id": f"card-{request_id}"}
+    return TaskMessages(app).build_published(task=task, request_id=request_id, kwargs=fields)
+
+
+def publish(realm: Realm, role: str, message: Any, **changes: Any) -> None:
+    properties = dict(message.properties, **changes)
+    properties = {key: value for key, value in properties.items() if value is not None}
+    with realm.connection(role) as connection:
+        Producer(connection.default_channel).publish(
+            message.body,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            headers=message.headers,
+            retry=False,
+            **properties,
+        )
+
+
+def minted(realm: Realm, request_id: str) -> int:
+    return recorded(get_ledger(realm.ledger_url), [request_id])
+
+
+# --- before the deploy step: nothing is declared ---------------------------------------------
+
+
+def test_without_the_deploy_step_producers_and_workers_name_what_is_missing(
+    realm: Realm, worker_factory: Callable[..., Worker]
+) -> None:
+    enqueue = realm.cli("producer", "single-mint", "--owner", "alice", "--card-id", "c0")
+    assert enqueue.returncode != 0
+    assert "lacks exchange mcard" in enqueue.stderr and "topology declare" in enqueue.stderr
+    worker = worker_factory(
+        realm.ledger_url, "roles-missing", broker_url=realm.url("worker"), declare="false"
+    ).launch()
+    assert worker.process is not None
+    assert worker.process.wait(60) != 0
+    log = worker.log.read_text()
+    assert "TopologyMissingError" in log and f"queue {QUEUE}.dlq" in log
+
+
+def test_only_the_deploy_role_declares(realm: Realm) -> None:
+    refused = realm.cli("worker", "topology", "declare")
+    assert refused.returncode != 0 and "ACCESS_REFUSED" in refused.stderr
+    declared = realm.cli("deploy", "topology", "declare")
+    assert declared.returncode == 0, declared.stderr
+    checked = realm.cli("deploy", "topology", "check")
+    assert checked.returncode == 0, checked.stderr
+
+
+# --- the roles at work ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker(realm: Realm, worker_factory: Callable[..., Worker]) -> Iterator[Worker]:
+    realm.cli("deploy", "topology", "declare").check_returncode()
+    running = worker_factory(
+        realm.ledger_url,
+        "roles",
+        broker_url=realm.url("worker"),
+        declare="false",
+        producers=realm.user("producer"),
+    ).launch()
+    wait_for(
+        lambda: running._exited() or all(consumers(realm).get(q) for q in task_names()),
+        60,
+        "the worker to consume every task queue",
+    )
+    assert not running._exited(), running.log.read_text()[-3000:]
+    yield running
+    running.stop()
+    assert "ACCESS_REFUSED" not in running.log.read_text()
+
+
+def test_a_producer_enqueues_and_the_worker_applies_it(realm: Realm, worker: Worker) -> None:
+    request_id = f"roles-{uuid.uuid4().hex}"
+    done = realm.cli(
+        "producer",
+        *("single-mint", "--owner", "alice", "--card-id", f"card-{request_id}"),
+        *("--request-id", request_id, "--wait", "30"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert minted(realm, request_id) == 1
+
+
+def test_a_producer_retry_later_goes_through_delayed_delivery(realm: Realm, worker: Worker) -> None:
+    request_id = f"roles-later-{uuid.uuid4().hex}"
+    script = (
+        "from mcard_tasks.tasks import single_mint\n"
+        f"single_mint.apply_async(kwargs={{'owner': 'bob', 'card_id': 'later-{request_id}'}},"
+        f" task_id={request_id!r}, countdown=1)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script], env=realm.env("producer"), check=True, timeout=60
+    )
+    wait_for(lambda: minted(realm, request_id) == 1, 30, "the delayed request to be applied")
+
+
+def test_the_operator_checks_the_topology_and_lists_dead_letters(
+    realm: Realm, worker: Worker
+) -> None:
+    checked = realm.cli("operator", "topology", "check")
+    assert checked.returncode == 0, checked.stderr
+    assert "arguments not compared" in checked.stderr
+    listed = realm.cli("operator", "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{QUEUE}.dlq" in listed.stdout
+
+
+def test_the_monitor_runs_inspect_and_reads_task_events(realm: Realm, worker: Worker) -> None:
+    script = (
+        "import json, socket\n"
+        "from mcard_tasks import app\n"
+        "print(json.dumps(sorted(app.control.inspect(timeout=3).ping() or {})))\n"
+        "events = []\n"
+        "with app.connection_for_read() as connection:\n"
+        "    receiver = app.events.Receiver(connection, handlers={'*': events.append})\n"
+        "    try:\n"
+        "        for _ in receiver.itercapture(limit=None, timeout=20, wakeup=False):\n"
+        "            if events:\n"
+        "                break\n"
+        "    except socket.timeout:\n"
+        "        pass\n"
+        "print(json.dumps(sorted({e['type'] for e in events})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=realm.env("monitor"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    nodes, events = (json.loads(line) for line in done.stdout.splitlines()[-2:])
+    assert worker.node in nodes
+    assert events, "a worker heartbeat (or another event) within 20 s"
+
+
+# --- and nothing else ---------------------------------------------------------------------------
+
+
+def test_a_producer_may_not_consume_publish_events_or_declare(realm: Realm, worker: Worker) -> None:
+    refused = "ACCESS_REFUSED - access to {} in vhost"
+    queue = re.escape(refused.format(f"queue '{QUEUE}'"))
+    with realm.connection("producer") as connection, pytest.raises(AccessRefused, match=queue):
+        connection.default_channel.basic_get(QUEUE)
+    events = re.escape(refused.format("exchange 'mcard.events'"))
+    with realm.connection("producer") as connection, pytest.raises(AccessRefused, match=events):
+        Producer(connection.default_channel).publish(
+            b"{}", exchange="mcard.events", routing_key="mcard.single_mint.issued"
+        )
+    extra = f"mcard.extra-{SESSION}"
+    declare = re.escape(refused.format(f"queue '{extra}'"))
+    with realm.connection("producer") as connection, pytest.raises(AccessRefused, match=declare):
+        connection.default_channel.queue_declare(extra)
+
+
+def test_a_forged_user_id_is_refused_by_the_broker(realm: Realm, worker: Worker) -> None:
+    request_id = f"roles-forged-{uuid.uuid4().hex}"
+    with pytest.raises(PreconditionFailed, match="user_id property set to"):
+        publish(realm, "intruder", task_message(request_id), user_id=realm.user("producer"))
+    assert minted(realm, request_id) == 0
+
+
+def test_unlisted_anonymous_and_builtin_messages_are_dead_lettered_with_no_effect(
+    realm: Realm, worker: Worker
+) -> None:
+    intruder = f"roles-intruder-{uuid.uuid4().hex}"
+    enqueue = realm.cli(
+        "intruder",
+        *("single-mint", "--owner", "mallory", "--card-id", f"card-{intruder}"),
+        *("--request-id", intruder),
+    )
+    assert enqueue.returncode == 0, enqueue.stderr  # the broker lets it publish
+    anonymous = f"roles-anonymous-{uuid.uuid4().hex}"
+    publish(realm, "producer", task_message(anonymous), user_id=None)
+    builtin = f"roles-builtin-{uuid.uuid4().hex}"
+    chord_unlock = task_message(builtin, task=QUEUE)
+    headers = dict(chord_unlock.headers, task="celery.chord_unlock")
+    body = json.dumps([[], {"group_id": "g", "result": [["x", None]] * 50}, {}])
+    with realm.connection("producer") as connection:
+        Producer(connection.default_channel).publish(
+            body,
+            exchange="mcard",
+            routing_key=QUEUE,
+            headers=headers,
+            content_type="application/json",
+            content_encoding="utf-8",
+            user_id=realm.user("producer"),
+            retry=False,
+        )
+    legacy_id = f"roles-legacy-{uuid.uuid4().hex}"
+    legacy = {"key": QUEUE, "request_id": legacy_id, "data": {"owner": "m", "card_id": "l"}}
+    with realm.connection("intruder") as connection:
+        Producer(connection.default_channel).publish(
+            legacy, exchange="mcard", routing_key=QUEUE, serializer="json", retry=False,
+            user_id=realm.user("intruder"),
+        )  # fmt: skip
+
+    reasons = wait_for_letters(realm, 4)
+    assert reasons[intruder] == (
+        f"{UNAUTHORIZED_PRODUCER}: user {realm.user('intruder')!r} may not publish {QUEUE}"
+    )
+    assert reasons[anonymous].startswith(f"{UNAUTHORIZED_PRODUCER}: the message has no user_id")
+    assert reasons[builtin] == "unknown task name 'celery.chord_unlock'"
+    legacy_reason = next(reason for key, reason in reasons.items() if legacy_id in key)
+    assert legacy_reason.startswith(f"{UNAUTHORIZED_PRODUCER}: user {realm.user('intruder')!r}")
+    for request_id in (intruder, anonymous, builtin, legacy_id):
+        assert minted(realm, request_id) == 0
+    # The worker goes on: the listed producer's next request is applied.
+    test_a_producer_enqueues_and_the_worker_applies_it(realm, worker)

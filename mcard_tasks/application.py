@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import pools
 
-from mcard_tasks.bootsteps import RelayOutbox
+from mcard_tasks.bootsteps import InspectOnlyControl, RelayOutbox
 from mcard_tasks.config import Settings, get_settings
 from mcard_tasks.errors import ConfigurationError
 from mcard_tasks.flower import configure_flower_if_running
@@ -161,6 +161,8 @@ def create_app(settings: Settings | None = None) -> MCardApp:
     app.settings = settings
     app.conf.update(celery_config(settings))
     app.steps["worker"].add(RelayOutbox)
+    # Remote control takes inspect commands only: a revoke would drop a request.
+    app.steps["consumer"].add(InspectOnlyControl)
     signals.after_setup_logger.connect(
         lambda **_: quiet_task_lines(settings), weak=False, dispatch_uid="mcard-task-lines"
     )

@@ -6,12 +6,14 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.worker.consumer.control import Control
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
+from celery.worker.control import Panel
 from kombu.transport.native_delayed_delivery import (
     declare_native_delayed_delivery_exchanges_and_queues,
 )
 
-__all__ = ["LiveNodeDelayedDelivery", "RelayOutbox"]
+__all__ = ["InspectOnlyControl", "LiveNodeDelayedDelivery", "RelayOutbox"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +61,63 @@ class LiveNodeDelayedDelivery(DelayedDelivery):  # type: ignore[misc]
         except Exception as exc:
             # As Celery's own step: a failure here must not stop the worker consuming.
             logger.warning("delayed delivery not set up on %s: %s", c.connection.as_uri(), exc)
+
+
+#: Remote-control commands that change no state but the events switch Flower turns on.
+_ALSO_ALLOWED = frozenset({"enable_events", "heartbeat"})
+
+
+def _refused(name: str) -> Any:
+    def refuse(state: Any, **kwargs: Any) -> dict[str, str]:
+        logger.warning(
+            "remote-control command %r refused (mcard-tasks workers take inspect only)", name
+        )
+        return {"error": f"mcard-tasks workers refuse the remote-control command {name!r}"}
+
+    return refuse
+
+
+def _hello_without_revocations(hello: Any) -> Any:
+    def handle(state: Any, from_node: str, revoked: Any = None, **kwargs: Any) -> Any:
+        return hello(state, from_node=from_node, **kwargs)
+
+    return handle
+
+
+def inspect_only_handlers(handlers: dict[str, Any]) -> dict[str, Any]:
+    """Celery's remote-control handlers, the state-changing ones replaced by a refusal.
+
+    A revoked request is acked and dropped by the worker: a lost mint or burn. So revoke,
+    terminate, shutdown, rate limits, pool and consumer changes are refused, whoever may write
+    on the broker's ``celery.pidbox`` exchange (Flower's monitor role may, to inspect); and
+    ``hello`` (worker-to-worker sync, an inspect command) merges no revocations.
+    """
+    allowed: dict[str, Any] = {}
+    for name, handler in handlers.items():
+        meta = Panel.meta.get(name)
+        if name == "hello":
+            allowed[name] = _hello_without_revocations(handler)
+        elif (meta is not None and meta.type == "inspect") or name in _ALSO_ALLOWED:
+            allowed[name] = handler
+        else:
+            allowed[name] = _refused(name)
+    return allowed
+
+
+class InspectOnlyControl(bootsteps.StartStopStep):  # type: ignore[misc]
+    """The worker's remote control, inspect commands only (see inspect_only_handlers)."""
+
+    requires = ("celery.worker.consumer.control:Control",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.start(c)  # before the Control step listens: no command slips in unfiltered
+
+    def start(self, c: Any) -> None:
+        control = next(
+            (step for step in c.blueprint.steps.values() if isinstance(step, Control)), None
+        )
+        node = None if control is None else control.box.node
+        if node is not None and not getattr(node, "_mcard_inspect_only", False):
+            node.handlers = inspect_only_handlers(dict(node.handlers))
+            node._mcard_inspect_only = True

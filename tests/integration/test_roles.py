@@ -361,3 +361,43 @@ def test_unlisted_anonymous_and_builtin_messages_are_dead_lettered_with_no_effec
         assert minted(realm, request_id) == 0
     # The worker goes on: the listed producer's next request is applied.
     test_a_producer_enqueues_and_the_worker_applies_it(realm, worker)
+
+
+def test_the_monitor_may_inspect_but_not_revoke_or_shut_down(realm: Realm, worker: Worker) -> None:
+    revoked, merged = (f"roles-revoke-{uuid.uuid4().hex}" for _ in range(2))
+    script = (
+        "import json\n"
+        "from mcard_tasks import app\n"
+        f"node = [{worker.node!r}]\n"
+        "replies = {}\n"
+        "for command, arguments in [('shutdown', {}), ('revoke', {'task_id': %r}),\n"
+        "                           ('pool_shrink', {'n': 1}), ('rate_limit',\n"
+        "                            {'task_name': 'mcard.single_mint', 'rate_limit': '1/h'}),\n"
+        "                           ('hello', {'from_node': 'x@y', 'revoked': [%r]})]:\n"
+        "    replies[command] = app.control.broadcast(\n"
+        "        command, arguments=arguments, destination=node, reply=True, timeout=3)\n"
+        "print(json.dumps(replies))\n"
+    ) % (revoked, merged)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=realm.env("monitor"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    replies = json.loads(done.stdout.splitlines()[-1])
+    for command in ("shutdown", "revoke", "pool_shrink", "rate_limit"):
+        (reply,) = replies[command]
+        assert "refuse" in reply[worker.node]["error"], (command, reply)
+    assert replies["hello"], "hello (an inspect command) is answered"
+    # Neither request ID is revoked: both are applied, and the worker is still up.
+    for request_id in (revoked, merged):
+        done = realm.cli(
+            "producer",
+            *("single-mint", "--owner", "carol", "--card-id", f"card-{request_id}"),
+            *("--request-id", request_id, "--wait", "30"),
+        )
+        assert done.returncode == 0, done.stderr
+        assert minted(realm, request_id) == 1
+    assert not worker._exited()

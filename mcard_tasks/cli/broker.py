@@ -30,4 +30,32 @@ def permissions(role: str) -> None:
     click.echo(of_role(role).line())
 
 
+@broker.command("definitions")
+@click.option("--vhost", default="/", show_default=True, help="The virtual host of mcard-tasks.")
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(ROLES),
+    help="A role to create a user for (repeatable; default: every role).",
+)
+@click.option(
+    "--prefix", default="mcard-", show_default=True, help="User names: the prefix, then the role."
+)
+@click.option("--admin", default=None, help="Also an administrator user of this name (for people).")
+def definitions(vhost: str, roles: tuple[str, ...], prefix: str, admin: str | None) -> None:
+    """Print a RabbitMQ definitions file (JSON) with a user per role and its permissions.
+
+    Each role's password comes from MCARD_BROKER_PASSWORD_<ROLE> (and the administrator's
+    from MCARD_BROKER_PASSWORD_ADMIN) and is stored hashed, never in clear.
+    """
+    import json
+
+    from mcard_tasks import app  # noqa: F401  (MCARD_SPECS' task kinds, registered)
+    from mcard_tasks.broker_users import definitions as build
+
+    users = {role: f"{prefix}{role}" for role in (roles or ROLES)}
+    click.echo(json.dumps(build(vhost, users, admin=admin), indent=2))
+
+
 COMMANDS = [broker]

@@ -17,6 +17,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from amqp.exceptions import AccessRefused, PreconditionFailed
 from kombu import Connection, Producer
 
 from mcard_tasks import app
+from mcard_tasks.broker_users import password_variable
 from mcard_tasks.identity import UNAUTHORIZED_PRODUCER
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.messages import TaskMessages
@@ -401,3 +403,58 @@ def test_the_monitor_may_inspect_but_not_revoke_or_shut_down(realm: Realm, worke
         assert done.returncode == 0, done.stderr
         assert minted(realm, request_id) == 1
     assert not worker._exited()
+
+
+def test_the_definitions_file_creates_every_role_user_with_its_permissions() -> None:
+    vhost = f"mcard-defs-{SESSION}"
+    prefix = f"defs-{SESSION}-"
+    passwords = {role: secrets.token_hex(12) for role in ROLES}
+    env = dict(os.environ, **{password_variable(r): p for r, p in passwords.items()})
+    missing = subprocess.run(
+        [str(CONSOLE_SCRIPT), "broker", "definitions", "--vhost", vhost],
+        env={k: v for k, v in env.items() if k != password_variable("worker")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode != 0 and password_variable("worker") in missing.stderr
+    made = subprocess.run(
+        [str(CONSOLE_SCRIPT), "broker", "definitions", "--vhost", vhost, "--prefix", prefix],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert not any(password in made.stdout for password in passwords.values())
+    # Where the broker's own system user can read it (pytest's folders are private).
+    path = Path(f"/tmp/mcard-definitions-{SESSION}.json")
+    path.write_text(made.stdout)
+    path.chmod(0o644)
+    expected = [f"{prefix}{role}\t{permissions(role).line()}" for role in ROLES]
+    try:
+        rabbitmqctl("import_definitions", str(path))
+
+        def imported() -> bool:  # the import is asynchronous
+            done = subprocess.run(
+                ["rabbitmqctl", "list_permissions", "-q", "-p", vhost],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            return all(line in done.stdout for line in expected)
+
+        wait_for(imported, 30, "the definitions to be imported")
+        for role in ROLES:
+            with Connection(f"amqp://{prefix}{role}:{passwords[role]}@{HOST}/{vhost}") as c:
+                c.ensure_connection(max_retries=1)
+        with (
+            pytest.raises(AccessRefused),
+            Connection(f"amqp://{prefix}producer:wrong@{HOST}/{vhost}") as refused,
+        ):
+            refused.ensure_connection(max_retries=1)
+    finally:
+        path.unlink()
+        for role in ROLES:
+            subprocess.run(["rabbitmqctl", "delete_user", f"{prefix}{role}"], capture_output=True)
+        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)

@@ -17,16 +17,32 @@ ensure_venv() {
     fi
 }
 
-# broker_answers URL: exit 0 when an AMQP broker accepts a connection within 5 s.
+# mask_urls: print MCARD_BROKER_URL (one URL, or several separated by ';') with every
+# password replaced by ****. URLs travel in the environment, never on a command line: a
+# command line is in every user's process list (ps, /proc/<pid>/cmdline).
+mask_urls() {
+    "$PY" - <<'PY'
+import os
+from kombu.utils.url import maybe_sanitize_url
+urls = os.environ.get("MCARD_BROKER_URL", "").split(";")
+print(";".join(maybe_sanitize_url(url, mask="****") for url in urls))
+PY
+}
+
+# broker_answers: exit 0 when the broker of MCARD_BROKER_URL (its first URL) accepts a
+# connection within 5 s; the reason otherwise, on stderr, without the password.
 broker_answers() {
-    "$PY" - "$1" <<'PY'
-import sys
+    "$PY" - <<'PY'
+import os, sys
 from kombu import Connection
+url = os.environ["MCARD_BROKER_URL"].split(";")[0]
 try:
-    with Connection(sys.argv[1].split(";")[0], connect_timeout=5) as connection:
+    with Connection(url, connect_timeout=5) as connection:
         connection.ensure_connection(max_retries=1)
 except Exception as exc:  # reported by the caller
-    print(f"    {exc}", file=sys.stderr)
+    password = Connection(url).password
+    reason = str(exc).replace(password, "****") if password else str(exc)
+    print(f"    {reason}", file=sys.stderr)
     sys.exit(1)
 PY
 }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -29,17 +31,101 @@ def entrypoint_env(database_url: str, name: str) -> dict[str, str]:
     )
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
-@pytest.mark.parametrize("profile", [[], ["--profile", "cluster"]])
-def test_the_compose_file_validates(profile: list[str]) -> None:
-    done = subprocess.run(
-        ["docker-compose", "-f", "docker-compose.yml", *profile, "config", "-q"],
+#: What docker-compose.yml requires (``${VAR:?message}``), each with no default.
+SECRETS = (
+    "MCARD_BROKER_PASSWORD",
+    "RABBITMQ_ERLANG_COOKIE",
+    "POSTGRES_PASSWORD",
+    "MCARD_DATABASE_PASSWORD",
+    "MCARD_FLOWER_PASSWORD",
+)
+#: The keys of docker-compose.yml whose values are secrets.
+SECRET_KEYS = (
+    "RABBITMQ_DEFAULT_PASS",
+    "RABBITMQ_ERLANG_COOKIE",
+    "POSTGRES_PASSWORD",
+    "MCARD_DATABASE_PASSWORD",
+    "MCARD_FLOWER_PASSWORD",
+)
+COMPOSE = ROOT / "docker-compose.yml"
+needs_docker_compose = pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="docker-compose not installed"
+)
+
+
+def test_the_compose_file_ships_no_default_secret() -> None:
+    text = COMPOSE.read_text()
+    for default in ("change-me", "mcard-tasks-cluster-cookie", "mcard:mcard@", "guest:guest"):
+        assert default not in text
+    for key in SECRET_KEYS:
+        values = re.findall(rf"^\s*{key}:\s*(.*)$", text, flags=re.MULTILINE)
+        assert values, f"{key} is set somewhere"
+        for value in values:
+            assert re.fullmatch(r'"\$\{\w+:\?[^}]+\}"', value), f"{key}: {value} is required"
+    passwords = re.findall(r"(?:amqp|postgresql)://\w+:(\$\{[^}]*\}|[^@\s\"]*)@", text)
+    assert len(passwords) == 5, "the broker URL, the database URL, the cluster's three"
+    for password in passwords:
+        assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", password), f"{password}: not required"
+    for name in SECRETS:
+        assert f"${{{name}:?" in text, f"{name} is required"
+        assert not re.search(rf"\$\{{{name}(:?-|-)", text), f"{name} has a default"
+        assert f"${{{name}}}" not in text and f"${name}" not in text, f"{name} may be empty"
+
+
+def test_env_example_lists_every_secret_without_a_value() -> None:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    assigned = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert set(SECRETS) <= set(assigned), "every required secret is listed"
+    assert all(not value for value in assigned.values()), "no real value in .env.example"
+    assert "openssl rand -hex" in "\n".join(lines)
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def compose_config(
+    tmp_path: Path, values: dict[str, str], *profile: str
+) -> subprocess.CompletedProcess[str]:
+    """docker-compose config with only values (in an env file) for the secrets."""
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    return subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "--env-file", str(env_file), *profile, "config"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@needs_docker_compose
+@pytest.mark.parametrize("profile", [[], ["--profile", "cluster"]])
+def test_the_compose_file_validates_with_its_secrets_and_uses_them(
+    tmp_path: Path, profile: list[str]
+) -> None:
+    values = {name: secrets.token_hex(24) for name in SECRETS}
+    done = compose_config(tmp_path, values, *profile)
     assert done.returncode == 0, done.stderr
+    out = done.stdout
+    broker, database = values["MCARD_BROKER_PASSWORD"], values["MCARD_DATABASE_PASSWORD"]
+    assert f"amqp://mcard:{broker}@rabbitmq:5672//" in out
+    assert f"RABBITMQ_DEFAULT_PASS: {broker}" in out
+    assert f"postgresql://mcard:{database}@postgres:5432/mcard" in out
+    assert f"POSTGRES_PASSWORD: {values['POSTGRES_PASSWORD']}" in out
+    assert "POSTGRES_USER: postgres" in out, "the superuser is not the application's role"
+    assert f"MCARD_FLOWER_PASSWORD: {values['MCARD_FLOWER_PASSWORD']}" in out
+    assert f"RABBITMQ_ERLANG_COOKIE: {values['RABBITMQ_ERLANG_COOKIE']}" in out
+    assert "change-me" not in out and "mcard:mcard@" not in out
+
+
+@needs_docker_compose
+@pytest.mark.parametrize("missing", SECRETS)
+def test_the_compose_file_refuses_to_run_without_each_secret(tmp_path: Path, missing: str) -> None:
+    values = {name: secrets.token_hex(24) for name in SECRETS if name != missing}
+    for unset_or_empty in (values, {**values, missing: ""}):
+        done = compose_config(tmp_path, unset_or_empty)
+        assert done.returncode != 0, f"config passed without {missing}"
+        assert f"set {missing} (see .env.example)" in done.stderr, done.stderr
 
 
 def test_the_image_entrypoint_execs_the_worker_and_its_health_check_passes(

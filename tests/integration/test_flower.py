@@ -22,7 +22,7 @@ from mcard_tasks.tasks import single_mint
 from tests.fixtures import ROOT, Worker, use_ledger, wait_for
 
 pytestmark = pytest.mark.integration
-USER, PASSWORD = "ops", "s3cret-pass"
+USER, PASSWORD = "ops", "s3cret-pass-long-enough"
 
 
 def free_port() -> int:

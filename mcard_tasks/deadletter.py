@@ -25,10 +25,13 @@ from mcard_tasks.confirms import publish_confirmed
 from mcard_tasks.specs import task_names
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
 
-__all__ = ["REASON_HEADER", "DeadLetterRequest", "dead_letter"]
+__all__ = ["REASON_HEADER", "UNAUTHORIZED_PRODUCER", "DeadLetterRequest", "dead_letter"]
 
 logger = logging.getLogger(__name__)
 REASON_HEADER = "x-mcard-reason"
+#: The start of the reason of a message refused for its producer (``f"{UNAUTHORIZED_PRODUCER}:
+#: ..."``): ``dlq replay`` never republishes such a letter, whoever runs it.
+UNAUTHORIZED_PRODUCER = "unauthorized producer"
 _REASON_MAX = 2000
 
 

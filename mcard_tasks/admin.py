@@ -15,8 +15,9 @@ from amqp.exceptions import NotFound, PreconditionFailed
 from celery import Celery
 
 from mcard_tasks.config import settings_of
-from mcard_tasks.confirms import publish_confirmed
+from mcard_tasks.confirms import BROKER_ERRORS, publish_confirmed
 from mcard_tasks.deadletter import REASON_HEADER
+from mcard_tasks.errors import BrokerUnavailableError
 from mcard_tasks.legacy import LEGACY_HEADER, describe
 from mcard_tasks.replay import replay_problem, replayed_headers, replayed_properties
 from mcard_tasks.specs import spec_for_key, task_names
@@ -230,18 +231,25 @@ def replay_dlq(
                 replay.verdicts.append(verdict)
                 if verdict.problem is not None or dry_run:
                     continue  # unacked: back to the DLQ when the channel closes
-                publish_confirmed(
-                    app,
-                    message.body,
-                    exchange=EXCHANGE.name,
-                    routing_key=source,
-                    headers=replayed_headers(message.headers or {}),
-                    content_type=message.content_type,
-                    content_encoding=message.content_encoding,
-                    delivery_mode=2,
-                    serializer=None,
-                    **replayed_properties(message.properties or {}),
-                )
+                try:
+                    publish_confirmed(
+                        app,
+                        message.body,
+                        exchange=EXCHANGE.name,
+                        routing_key=source,
+                        headers=replayed_headers(message.headers or {}),
+                        content_type=message.content_type,
+                        content_encoding=message.content_encoding,
+                        delivery_mode=2,
+                        serializer=None,
+                        **replayed_properties(message.properties or {}),
+                    )
+                except BROKER_ERRORS as exc:
+                    raise BrokerUnavailableError(
+                        f"the broker did not confirm the replay of {verdict.letter.request_id}"
+                        f" ({exc!r}) after {len(replay.replayed) - 1} replayed; it and the rest"
+                        " stay in the DLQ, and replaying again is safe"
+                    ) from exc
                 message.ack()
         finally:
             channel.close()  # every unacked letter (refused, or a dry run's) goes back

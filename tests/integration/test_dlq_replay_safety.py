@@ -345,3 +345,18 @@ def test_a_legacy_letter_keeps_its_key_header_and_nothing_else_of_the_dead_lette
     make_worker(sqlite_url, "replay-legacy").start()
     outcome = wait_for(lambda: get_ledger(sqlite_url).outcome(request_id), TIMEOUT, "outcome")
     assert outcome["outcome"] == "succeeded"
+
+
+def test_a_publish_the_broker_does_not_confirm_leaves_the_letter_and_exits_4(
+    clean_dlq: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request_id = new("unconfirmed")
+    put_valid(request_id, new("card"))
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError("confirm timed out")
+
+    monkeypatch.setattr(mcard_tasks.admin, "publish_confirmed", refuse)
+    code, output = run("dlq", "replay", QUEUE)
+    assert code == 4 and f"did not confirm the replay of {request_id}" in output, output
+    assert ids(peek(dlq_name(QUEUE))) == [request_id]

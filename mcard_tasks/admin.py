@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from amqp.exceptions import AccessRefused, NotFound, PreconditionFailed
@@ -20,8 +20,11 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 from mcard_tasks.config import settings_of
+from mcard_tasks.confirms import BROKER_ERRORS, publish_confirmed
 from mcard_tasks.deadletter import REASON_HEADER
+from mcard_tasks.errors import BrokerUnavailableError
 from mcard_tasks.legacy import LEGACY_HEADER, describe
+from mcard_tasks.replay import replay_problem, replayed_headers, replayed_properties
 from mcard_tasks.roles import CELERY_EVENTS
 from mcard_tasks.specs import spec_for_key, task_names
 from mcard_tasks.topology import (
@@ -35,6 +38,8 @@ from mcard_tasks.topology import (
 __all__ = [
     "DeadLetter",
     "QueueDepth",
+    "Replay",
+    "Verdict",
     "check_topology",
     "dead_letters",
     "declare_topology",
@@ -199,46 +204,87 @@ def dead_letters(app: Celery, queue: str, limit: int = 50) -> list[DeadLetter]:
     return seen
 
 
-def replay_dlq(app: Celery, queue: str, limit: int | None = None) -> int:
-    """Republish dead letters to their task queue with the same request ID; return how many.
+@dataclass(frozen=True)
+class Verdict:
+    """One dead letter a replay looked at, and why it was refused (None: replayed, or would
+    be on a dry run)."""
 
+    letter: DeadLetter
+    problem: str | None = None
+
+
+@dataclass
+class Replay:
+    """What a replay of a dead-letter queue did (or, on a dry run, would do)."""
+
+    queue: str
+    #: Ready letters in the DLQ when the replay started: it looks at no more than these.
+    found: int
+    dry_run: bool = False
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def replayed(self) -> list[DeadLetter]:
+        return [v.letter for v in self.verdicts if v.problem is None]
+
+    @property
+    def refused(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.problem is not None]
+
+
+def replay_dlq(
+    app: Celery, queue: str, limit: int | None = None, *, dry_run: bool = False
+) -> Replay:
+    """Republish the valid dead letters of queue to its task queue, same request IDs.
+
+    Bounded: it looks at no more letters than the DLQ held when it started (a replayed letter
+    that fails again lands back in the same DLQ, behind them), and replays at most limit.
+    Each letter is validated first (mcard_tasks.replay): a refused one is left in the DLQ.
     Each is published with confirms and acked from the DLQ only after the broker took it, so
-    a crash midway duplicates at worst, and the ledger makes a duplicate harmless.
+    a crash midway duplicates at worst, and the ledger makes a duplicate harmless. On a dry
+    run nothing is published or acked: every letter looked at goes back to the DLQ.
     """
     name = _dlq(queue)
     source = name.removesuffix(".dlq")
-    replayed = 0
     with app.connection_for_write() as connection:
         channel = connection.channel()
         dlq = topology_of(app).queue(name)(channel)
-        producer = app.amqp.Producer(connection.channel())
-        while limit is None or replayed < limit:
-            message = dlq.get(no_ack=False)
-            if message is None:
-                break
-            headers = _replayed_headers(message.headers or {})
-            producer.publish(
-                message.body,
-                exchange=EXCHANGE.name,
-                routing_key=source,
-                headers=headers,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                delivery_mode=2,
-                serializer=None,
-                retry=True,
-                correlation_id=(message.properties or {}).get("correlation_id"),
-            )
-            message.ack()
-            replayed += 1
-    return replayed
-
-
-def _replayed_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    """The headers a replay carries: the broker's and the dead-lettering's (x-death, reason)
-    dropped; the legacy key kept, so a replayed legacy request still counts as one. A legacy
-    letter has none left, and the worker translates it like any other legacy message."""
-    return {k: v for k, v in headers.items() if not k.startswith("x-") or k == LEGACY_HEADER}
+        found = int(dlq.queue_declare(passive=True).message_count)
+        replay = Replay(queue=source, found=found, dry_run=dry_run)
+        try:
+            for _ in range(found):
+                if limit is not None and len(replay.replayed) >= limit:
+                    break
+                message = dlq.get(no_ack=False)
+                if message is None:
+                    break
+                verdict = Verdict(_describe(message), replay_problem(message, source))
+                replay.verdicts.append(verdict)
+                if verdict.problem is not None or dry_run:
+                    continue  # unacked: back to the DLQ when the channel closes
+                try:
+                    publish_confirmed(
+                        app,
+                        message.body,
+                        exchange=EXCHANGE.name,
+                        routing_key=source,
+                        headers=replayed_headers(message.headers or {}),
+                        content_type=message.content_type,
+                        content_encoding=message.content_encoding,
+                        delivery_mode=2,
+                        serializer=None,
+                        **replayed_properties(message.properties or {}),
+                    )
+                except BROKER_ERRORS as exc:
+                    raise BrokerUnavailableError(
+                        f"the broker did not confirm the replay of {verdict.letter.request_id}"
+                        f" ({exc!r}) after {len(replay.replayed) - 1} replayed; it and the rest"
+                        " stay in the DLQ, and replaying again is safe"
+                    ) from exc
+                message.ack()
+        finally:
+            channel.close()  # every unacked letter (refused, or a dry run's) goes back
+    return replay
 
 
 def purge_dlq(app: Celery, queue: str) -> int:

@@ -22,10 +22,11 @@ from celery.exceptions import Reject
 from celery.worker.request import Request
 
 from mcard_tasks.confirms import publish_confirmed
+from mcard_tasks.identity import UNAUTHORIZED_PRODUCER
 from mcard_tasks.specs import task_names
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
 
-__all__ = ["REASON_HEADER", "DeadLetterRequest", "dead_letter"]
+__all__ = ["REASON_HEADER", "UNAUTHORIZED_PRODUCER", "DeadLetterRequest", "dead_letter"]
 
 logger = logging.getLogger(__name__)
 REASON_HEADER = "x-mcard-reason"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
+from mcard_tasks.cli import EXIT_INVALID
 from mcard_tasks.specs import task_names
 
 __all__ = ["COMMANDS"]
@@ -48,12 +51,42 @@ def show(queue: str, limit: int) -> None:
 @dlq.command("replay")
 @queue_argument
 @click.option("--limit", type=int, default=None, help="Replay at most this many.")
-def replay(queue: str, limit: int | None) -> None:
-    """Republish dead letters of QUEUE to it, same request IDs (exactly once still holds)."""
+@click.option(
+    "--dry-run", is_flag=True, help="Show what would be replayed, and why not; change nothing."
+)
+def replay(queue: str, limit: int | None, dry_run: bool) -> None:
+    """Republish the valid dead letters of QUEUE to it, same request IDs (exactly once still
+    holds), with fresh retries.
+
+    Only the letters in QUEUE.dlq when it starts are looked at (one that fails again is not
+    replayed twice). A letter that is not a valid request of QUEUE, or was dead-lettered as
+    from an unauthorized producer, is refused and left in the DLQ; exit 2 if any was refused.
+    """
     from mcard_tasks import app
     from mcard_tasks.admin import replay_dlq
 
-    click.echo(f"replayed {replay_dlq(app, queue, limit)} message(s) to {queue}")
+    done = replay_dlq(app, queue, limit, dry_run=dry_run)
+    for verdict in done.verdicts:
+        letter = verdict.letter
+        if dry_run:
+            state = "valid" if verdict.problem is None else f"invalid: {verdict.problem}"
+            click.echo(f"{letter.request_id}  {letter.task}  {state}")
+        elif verdict.problem is not None:
+            click.echo(f"refused {letter.request_id}  {letter.task}: {verdict.problem}")
+        else:
+            continue
+        click.echo(f"    dead-lettered: {letter.reason}")
+    refused = len(done.refused)
+    if dry_run:
+        click.echo(
+            f"dry run: {len(done.replayed)} of {len(done.verdicts)} message(s) would be"
+            f" replayed to {queue}, {refused} refused; nothing changed"
+        )
+    else:
+        left = f"; refused {refused}, left in {queue}.dlq" if refused else ""
+        click.echo(f"replayed {len(done.replayed)} message(s) to {queue}{left}")
+    if refused:
+        sys.exit(EXIT_INVALID)
 
 
 @dlq.command("purge")

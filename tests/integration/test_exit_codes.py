@@ -109,6 +109,8 @@ def test_an_unreachable_broker_exits_4(tmp_path: Path, ledger: str) -> None:
             (["queues"], env),
             (["health"], env),
             (["dlq", "list"], env),
+            (["dlq", "replay", "mcard.single_mint"], env),
+            (["dlq", "replay", "mcard.single_mint", "--dry-run"], env),
             (["topology", "check"], env),
             (["topology", "declare"], env),
             (["events", "--count", "1", "--timeout", "1"], env),

@@ -158,6 +158,8 @@ def task_message(request_id: str, task: str = QUEUE, **fields: Any) -> Any:
 
 
 def publish(realm: Realm, role: str, message: Any, **changes: Any) -> None:
+    """Publish message as role (its user_id that role's user unless changed)."""
+    changes.setdefault("user_id", realm.user(role))
     properties = dict(message.properties, **changes)
     properties = {key: value for key, value in properties.items() if value is not None}
     with realm.connection(role) as connection:
@@ -213,7 +215,8 @@ def worker(realm: Realm, worker_factory: Callable[..., Worker]) -> Iterator[Work
         "roles",
         broker_url=realm.url("worker"),
         declare="false",
-        producers=realm.user("producer"),
+        # The operator's replays carry its user: listed, so that they run.
+        producers=f"{realm.user('producer')},{realm.user('operator')}",
     ).launch()
     wait_for(
         lambda: running._exited() or all(consumers(realm).get(q) for q in task_names()),
@@ -458,3 +461,43 @@ def test_the_definitions_file_creates_every_role_user_with_its_permissions() -> 
         for role in ROLES:
             subprocess.run(["rabbitmqctl", "delete_user", f"{prefix}{role}"], capture_output=True)
         subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)
+
+
+def test_an_operator_replays_valid_letters_only_never_an_unauthorized_one(
+    realm: Realm, worker: Worker
+) -> None:
+    letters(realm)  # start from an empty DLQ
+    unauthorized = f"roles-replay-intruder-{uuid.uuid4().hex}"
+    done = realm.cli(
+        "intruder",
+        *("single-mint", "--owner", "mallory", "--card-id", f"card-{unauthorized}"),
+        *("--request-id", unauthorized),
+    )
+    assert done.returncode == 0, done.stderr
+    invalid = f"roles-replay-invalid-{uuid.uuid4().hex}"
+    publish(realm, "producer", task_message(invalid, owner="", card_id="x"))
+    wait_for(lambda: dlq_depth(realm) == 2, 30, "two dead letters")
+    valid = f"roles-replay-valid-{uuid.uuid4().hex}"
+    message = task_message(valid)
+    with realm.admin() as connection:  # as a retry-exhausted request would be
+        Producer(connection.default_channel).publish(
+            message.body,
+            exchange="mcard.dlx",
+            routing_key=QUEUE,
+            headers=dict(message.headers, **{"x-mcard-reason": "TransientError: ledger down"}),
+            **{k: v for k, v in message.properties.items() if k != "user_id"},
+        )
+    wait_for(lambda: dlq_depth(realm) == 3, 30, "three dead letters")
+
+    replayed = realm.cli("operator", "dlq", "replay", QUEUE)
+    assert replayed.returncode == 2, replayed.stdout + replayed.stderr  # some were refused
+    wait_for(lambda: minted(realm, valid) == 1, 30, "the replayed request to be applied")
+    left = letters(realm)
+    assert set(left) == {unauthorized, invalid}
+    assert left[unauthorized].startswith(UNAUTHORIZED_PRODUCER)
+    assert minted(realm, unauthorized) == 0 and minted(realm, invalid) == 0
+
+
+def dlq_depth(realm: Realm, queue: str = QUEUE) -> int:
+    with realm.admin() as connection:
+        return int(connection.default_channel.queue_declare(f"{queue}.dlq", passive=True)[1])

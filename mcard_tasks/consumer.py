@@ -7,6 +7,8 @@
   (mcard_tasks.legacy), and dead-lettered with the reason if it is not a valid one.
 - Native delayed delivery is declared on the live node the consumer just connected to, so a
   failover resumes consuming at once.
+- A message over the size or ETA limits (MCARD_MAX_BODY_BYTES, MCARD_MAX_ETA_SECONDS) is
+  dead-lettered before its body is decoded (mcard_tasks.limits).
 - Task events are published without confirms: they must never stall the main loop.
 - The whole topology is declared on every (re)connection, before anything consumes: Celery
   declares only the queues it consumes, and at-least-once dead-lettering needs the
@@ -27,6 +29,7 @@ from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import dead_letter, source_queue
 from mcard_tasks.errors import InvalidLegacyMessageError
 from mcard_tasks.legacy import LegacyRequest, republish, translate
+from mcard_tasks.limits import guarded
 from mcard_tasks.topology import build_topology
 
 __all__ = ["MCardConsumer"]
@@ -58,6 +61,10 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
             raise
         logger.info("declared the mcard topology (%s queues)", settings.queue_type)
         return connection
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's handler of every received message, behind the limits (mcard_tasks.limits)."""
+        return guarded(self, super().create_task_handler(*args, **kwargs))
 
     def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
         """The connection of the worker's task events (Celery's Events step is its one user).

@@ -28,7 +28,7 @@ IDENT_MAX = 128
 METADATA_MAX_BYTES = 16 * 1024
 BATCH_MAX = 1000
 #: The identifier rule (card IDs, owners, request IDs): printable ASCII letters, digits and
-#: ``. _ : @ -`` only, so no two distinct IDs look alike across scripts (Cyrillic ``а`` beside
+#: ``. _ : @ -`` only, so no two distinct IDs look alike across scripts (Cyrillic U+0430 beside
 #: Latin ``a``) and none hides an invisible character (a zero-width space, a direction mark).
 IDENT_CHARS = "A-Z, a-z, 0-9 and . _ : @ -"
 IDENT_RULE = f"must be 1 to {IDENT_MAX} characters from {IDENT_CHARS}"

@@ -77,9 +77,9 @@ def test_a_lookalike_or_invisible_character_is_named_by_code_point_name_and_fiel
 def test_the_identifier_rule_holds_for_every_card_of_a_batch_and_for_request_ids() -> None:
     message = problems(MINT, {"owner": "o", "card_ids": ["card-1", "c\u0430rd-2"]})
     assert "card_ids.1: must be 1 to 128" in message and "U+0430 CYRILLIC SMALL LETTER A" in message
-    with pytest.raises(InvalidRequestError, match="request_id: .*U\\+2011 NON-BREAKING HYPHEN"):
+    with pytest.raises(InvalidRequestError, match=r"request_id: .*U\+2011 NON-BREAKING HYPHEN"):
         check_request_id("r\u20111")
-    with pytest.raises(InvalidRequestError, match="task_id: .*U\\+0430 CYRILLIC SMALL LETTER A"):
+    with pytest.raises(InvalidRequestError, match=r"task_id: .*U\+0430 CYRILLIC SMALL LETTER A"):
         resolve_request_id(None, "\u0430")
 
 

@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     #: Execute header-less messages of the seed's shape (mcard_tasks.legacy); false: they are
     #: dead-lettered like any other message without Celery's task headers.
     legacy_messages: bool = True
+    #: Bad input, bounded (mcard_tasks.limits). The largest task message body, in bytes, a
+    #: producer publishes and a worker decodes: 256 KiB holds the largest valid request (a
+    #: mint of 1,000 IDs of 128 characters with 16 KiB of metadata: at most 181,381 bytes as
+    #: Celery serializes it, tests/unit/test_limits.py) with room to spare, and keeps a forged
+    #: body far below the broker's own limit (128 MiB).
+    max_body_bytes: int = Field(default=256 * 1024, ge=4096)
+    #: The longest delay (eta or countdown), in seconds, a producer publishes and a worker
+    #: accepts: a worker holds an ETA message in memory (Celery's timer, prefetch raised by
+    #: one each) until it is due. One hour is 120 times the longest retry countdown (30 s);
+    #: at least 60 s, so retries always fit.
+    max_eta_seconds: float = Field(default=3600.0, ge=60)
     #: Modules whose import registers more task kinds (mcard_tasks.specs.register),
     #: comma-separated; imported when the app is created, before its topology is built.
     specs: str = ""

@@ -11,6 +11,8 @@
   dead-lettered with a reason naming the user (mcard_tasks.identity), before anything runs.
 - Native delayed delivery is declared on the live node the consumer just connected to, so a
   failover resumes consuming at once.
+- A message over the size or ETA limits (MCARD_MAX_BODY_BYTES, MCARD_MAX_ETA_SECONDS) is
+  dead-lettered before its body is decoded (mcard_tasks.limits).
 - Task events are published without confirms: they must never stall the main loop.
 - The whole topology is declared (or, with MCARD_DECLARE=false, checked) on every
   (re)connection, before anything consumes: Celery
@@ -34,6 +36,7 @@ from mcard_tasks.deadletter import dead_letter, source_queue
 from mcard_tasks.errors import InvalidLegacyMessageError
 from mcard_tasks.identity import ProducerPolicy, producer_policy
 from mcard_tasks.legacy import LegacyRequest, republish, translate
+from mcard_tasks.limits import guarded
 from mcard_tasks.specs import task_names
 from mcard_tasks.topology import build_topology
 
@@ -103,6 +106,10 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
     def _refuse(self, message: Any, reason: str) -> None:
         dead_letter(self.app, message, reason)
         signals.task_rejected.send(sender=self, message=message, exc=None)
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's handler of every received message, behind the limits (mcard_tasks.limits)."""
+        return guarded(self, super().create_task_handler(*args, **kwargs))
 
     def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
         """The connection of the worker's task events (Celery's Events step is its one user).

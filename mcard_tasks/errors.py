@@ -18,6 +18,7 @@ __all__ = [
     "BulkImportError",
     "ConfigurationError",
     "ConflictError",
+    "EtaTooFarError",
     "ImportInterrupted",
     "InvalidLegacyMessageError",
     "InvalidLinesError",
@@ -26,6 +27,7 @@ __all__ = [
     "LedgerUnavailableError",
     "LedgerWaitTimeoutError",
     "MCardError",
+    "MessageTooLargeError",
     "NoTransactionError",
     "TopologyDriftError",
     "TopologyMissingError",
@@ -52,6 +54,15 @@ class InvalidLegacyMessageError(InvalidRequestError):
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__(problems, message="invalid legacy message: " + "; ".join(problems))
+
+
+class MessageTooLargeError(InvalidRequestError):
+    """Raised when a task message's body is over MCARD_MAX_BODY_BYTES (nothing published)."""
+
+
+class EtaTooFarError(InvalidRequestError):
+    """Raised when a request's eta or countdown is beyond MCARD_MAX_ETA_SECONDS (nothing
+    published)."""
 
 
 class ConflictError(MCardError):

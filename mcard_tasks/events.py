@@ -10,6 +10,7 @@ subscribers drop. A replay records nothing new, so it publishes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from mcard_tasks.confirms import ConfirmWindow
 from mcard_tasks.ledger import Ledger, get_ledger
 from mcard_tasks.topology import EVENTS_EXCHANGE, build_topology
 
-__all__ = ["Event", "OutboxRelay", "subscribe"]
+__all__ = ["Event", "OutboxRelay", "Subscription", "subscribe"]
 
 logger = logging.getLogger(__name__)
 BATCH = 500
@@ -186,17 +187,133 @@ class Event:
     outcome: dict[str, Any]
 
 
+class Subscription(Iterator["Event | None"]):
+    """The events of one subscription (see :func:`subscribe`), with what it skipped.
+
+    malformed: events skipped because their body is not a JSON object (logged as a warning,
+        without the body).
+    foreign: events skipped because their AMQP ``user_id`` is not one of ``publishers``.
+    duplicates: identical copies dropped (same request ID, same body).
+
+    Iterating yields events and None after each quiet timeout; the queue is declared by the
+    first ``next()``. ``close()`` (or leaving a ``with`` block) ends the subscription and its
+    connection.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        queue: Queue,
+        timeout: float,
+        seen: int,
+        publishers: frozenset[str] | None,
+    ) -> None:
+        self.app, self.queue, self.timeout = app, queue, timeout
+        self.publishers = publishers
+        self.malformed = self.foreign = self.duplicates = 0
+        self._seen = seen
+        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._received: list[Event] = []
+        self._events = self._run()
+
+    def __next__(self) -> Event | None:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self) -> Generator[Event | None, None, None]:
+        with (
+            self.app.connection_for_read() as connection,
+            # on_message: the raw message, decoded here, so a bad body is skipped, not raised.
+            Consumer(connection, queues=[self.queue], on_message=self._on_message),
+        ):
+            while True:
+                try:
+                    connection.drain_events(timeout=self.timeout)
+                except TimeoutError:
+                    yield None
+                while self._received:
+                    yield self._received.pop(0)
+
+    def _on_message(self, message: Any) -> None:
+        try:
+            event = self._accept(message)
+        finally:
+            message.ack()
+        if event is not None:
+            self._received.append(event)
+
+    def _accept(self, message: Any) -> Event | None:
+        """The event message carries, or None (counted) if it is foreign, malformed or a copy."""
+        properties = message.properties or {}
+        request_id = str(properties.get("message_id") or "")
+        routing_key = str((message.delivery_info or {}).get("routing_key") or "")
+        if self.publishers is not None and properties.get("user_id") not in self.publishers:
+            self.foreign += 1
+            return None
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        outcome = _outcome(message.content_type, body)
+        if outcome is None:
+            self.malformed += 1
+            logger.warning(
+                "skipped a malformed event (routing key %.100r, message id %.100r, %s, %d bytes)",
+                routing_key,
+                request_id,
+                message.content_type,
+                len(body),
+            )
+            return None
+        # The body's digest too: a forged event carrying a request ID first cannot suppress the
+        # real one, and an identical copy (a relay's repeat) is still dropped.
+        key = (request_id, hashlib.sha256(body).hexdigest())
+        if key in self._recent:
+            self.duplicates += 1
+            return None
+        self._recent[key] = None
+        if len(self._recent) > self._seen:
+            self._recent.popitem(last=False)
+        return Event(routing_key, request_id, outcome)
+
+
+def _outcome(content_type: str | None, body: bytes) -> dict[str, Any] | None:
+    """The outcome object of an event body, or None unless it is a JSON object."""
+    if content_type != "application/json":
+        return None
+    try:
+        outcome = json.loads(body)
+    except ValueError:  # not UTF-8 or not JSON
+        return None
+    return outcome if isinstance(outcome, dict) else None
+
+
 def subscribe(
     app: Celery,
     pattern: str = "mcard.#",
     queue: str | None = None,
     timeout: float = 1.0,
     seen: int = 100_000,
-) -> Iterator[Event | None]:
+    publishers: Iterable[str] | None = None,
+) -> Subscription:
     """Yield outcome events matching pattern (None after each quiet timeout), dropping copies.
 
     Without a queue name, an exclusive queue lives as long as the subscription; with one, a
     durable queue keeps events while nobody listens.
+
+    Parameters:
+        publishers: broker user names (the workers'): only events whose AMQP ``user_id``
+            property is one of them are yielded (RabbitMQ checks ``user_id`` against the
+            publishing connection's user, so it cannot be forged). None: any publisher.
+        seen: how many recent (request ID, body digest) pairs are remembered to drop copies.
+
+    A body that is not a JSON object is skipped and counted (``Subscription.malformed``), a
+    foreign publisher's event too (``Subscription.foreign``); neither ends the subscription.
     """
     if queue:
         bound = Queue(queue, EVENTS_EXCHANGE, routing_key=pattern, durable=True, auto_delete=False)
@@ -209,27 +326,5 @@ def subscribe(
             auto_delete=True,
             durable=False,
         )
-    received: list[Event] = []
-    recent: OrderedDict[str, None] = OrderedDict()
-
-    def on_message(body: Any, message: Any) -> None:
-        request_id = message.properties.get("message_id") or ""
-        if request_id not in recent:
-            recent[request_id] = None
-            if len(recent) > seen:
-                recent.popitem(last=False)
-            outcome = body if isinstance(body, dict) else json.loads(body)
-            received.append(Event(message.delivery_info["routing_key"], request_id, outcome))
-        message.ack()
-
-    with (
-        app.connection_for_read() as connection,
-        Consumer(connection, queues=[bound], callbacks=[on_message], accept=["json"]),
-    ):
-        while True:
-            try:
-                connection.drain_events(timeout=timeout)
-            except TimeoutError:
-                yield None
-            while received:
-                yield received.pop(0)
+    allowed = None if publishers is None else frozenset(publishers)
+    return Subscription(app, bound, timeout, seen, allowed)

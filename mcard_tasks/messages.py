@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from celery.utils.saferepr import saferepr
 from kombu.serialization import dumps
 
+from mcard_tasks.config import settings_of
 from mcard_tasks.identity import broker_user
+from mcard_tasks.limits import body_size, check_body
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -102,6 +104,7 @@ class TaskMessages:
         self.serializer: str = app.conf.task_serializer
         self.routes: dict[str, tuple[str, str]] = {}
         self.user_id = broker_user(app)
+        self.max_body: int = settings_of(app).max_body_bytes
 
     def route(self, task: str) -> tuple[str, str]:
         """The exchange and routing key of task (see :func:`route`), cached."""
@@ -131,6 +134,7 @@ class TaskMessages:
             kwargsrepr=self.reprs.kwargs(kwargs),
         )
         content_type, content_encoding, data = dumps(body, serializer=self.serializer)
+        check_body(body_size(data), self.max_body)  # MessageTooLargeError: nothing published
         properties = dict(
             properties,
             content_type=content_type,

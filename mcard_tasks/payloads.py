@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "SingleMintRequest",
     "canonical_json",
     "check_request_id",
+    "describe_char",
     "fingerprint",
     "validate_fields",
 ]
@@ -25,7 +27,13 @@ __all__ = [
 IDENT_MAX = 128
 METADATA_MAX_BYTES = 16 * 1024
 BATCH_MAX = 1000
-IDENT_RULE = f"must be 1 to {IDENT_MAX} characters with no whitespace or control characters"
+#: The identifier rule (card IDs, owners, request IDs): printable ASCII letters, digits and
+#: ``. _ : @ -`` only, so no two distinct IDs look alike across scripts (Cyrillic U+0430 beside
+#: Latin ``a``) and none hides an invisible character (a zero-width space, a direction mark).
+IDENT_CHARS = "A-Z, a-z, 0-9 and . _ : @ -"
+IDENT_RULE = f"must be 1 to {IDENT_MAX} characters from {IDENT_CHARS}"
+_IDENT = re.compile(rf"[A-Za-z0-9._:@-]{{1,{IDENT_MAX}}}")
+_IDENT_CHAR = re.compile(r"[A-Za-z0-9._:@-]")
 
 
 def canonical_json(value: Any) -> str:
@@ -33,16 +41,20 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def describe_char(char: str) -> str:
+    """A character as an error names it: its code point and Unicode name, e.g.
+    ``U+0430 CYRILLIC SMALL LETTER A``."""
+    name = unicodedata.name(char, None) or f"(unnamed, category {unicodedata.category(char)})"
+    return f"U+{ord(char):04X} {name}"
+
+
 def _ident_problem(value: str) -> str | None:
+    if _IDENT.fullmatch(value):  # the fast path, in C
+        return None
     if not 1 <= len(value) <= IDENT_MAX:
         return f"{IDENT_RULE} (got {len(value)} characters)"
-    # Fast path, in C: printable means no Unicode "Other" (control, format, ...) and no
-    # separator but the ASCII space, which is whitespace too.
-    if value.isprintable() and " " not in value:
-        return None
-    if any(ch.isspace() or unicodedata.category(ch).startswith("C") for ch in value):
-        return f"{IDENT_RULE} (found whitespace or a control character)"
-    return None
+    position, char = next((i, ch) for i, ch in enumerate(value) if not _IDENT_CHAR.match(ch))
+    return f"{IDENT_RULE} (found {describe_char(char)} at position {position + 1})"
 
 
 def _check_ident(value: str) -> str:

@@ -35,6 +35,7 @@ from mcard_tasks.identity import broker_user
 from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.legacy import LEGACY_HEADER
+from mcard_tasks.limits import check_body, check_delay, request_body_size
 from mcard_tasks.messages import PERSISTENT, published_kwargs
 from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.request_outbox import Database, outbox_message, write_request
@@ -100,9 +101,13 @@ class RequestTask(Task):  # type: ignore[misc]
         **options: Any,
     ) -> AsyncResult:
         request_id, payload, given = self._resolve(args, kwargs, task_id)
+        settings = settings_of(self.app)
+        published = published_kwargs(payload)
+        # Bad input, bounded: refused here rather than dead-lettered by the worker.
+        check_delay(options, settings.max_eta_seconds)
+        check_body(request_body_size(self.app, published), settings.max_body_bytes)
         # A generated ID cannot conflict; a retry of the running task is the same request.
         check = given is not None and request_id != self.request.id
-        settings = settings_of(self.app)
         if check and settings.check_conflicts:
             self._refuse_conflict(request_id, payload)
         limit = settings.publish_timeout
@@ -120,9 +125,7 @@ class RequestTask(Task):  # type: ignore[misc]
         # Producer identity: RabbitMQ refuses a user_id other than the connection's user, so
         # the worker (MCARD_PRODUCERS) and event subscribers can trust it.
         options.setdefault("user_id", broker_user(self.app))
-        publish = partial(
-            super().apply_async, args=(), kwargs=published_kwargs(payload), task_id=request_id
-        )
+        publish = partial(super().apply_async, args=(), kwargs=published, task_id=request_id)
         if options.get("producer") is not None:  # the caller manages its own producer
             return publish(**options)
         started = time.monotonic()

@@ -26,16 +26,17 @@ def events(pattern: str, queue: str | None, count: int | None, timeout: float | 
     from mcard_tasks.payloads import canonical_json
 
     shown, quiet_since = 0, time.monotonic()
-    for event in subscribe(app, pattern, queue):
-        if event is None:
-            if timeout is not None and time.monotonic() - quiet_since > timeout:
+    with subscribe(app, pattern, queue) as subscription:
+        for event in subscription:
+            if event is None:
+                if timeout is not None and time.monotonic() - quiet_since > timeout:
+                    return
+                continue
+            quiet_since = time.monotonic()
+            click.echo(f"{event.routing_key} {canonical_json(event.outcome)}")
+            shown += 1
+            if count is not None and shown >= count:
                 return
-            continue
-        quiet_since = time.monotonic()
-        click.echo(f"{event.routing_key} {canonical_json(event.outcome)}")
-        shown += 1
-        if count is not None and shown >= count:
-            return
 
 
 COMMANDS = [events]

@@ -161,7 +161,7 @@ class NoEvents:
     ("task", "fields"),
     [
         (single_mint, {"card_id": "c-1", "owner": "al"}),
-        (single_mint, {"card_id": "it's", "owner": "al", "metadata": {"k": [1, "x"]}}),
+        (single_mint, {"card_id": "c-2", "owner": "al", "metadata": {"k": [1, "it's"]}}),
         (mint, {"owner": "o", "card_ids": ["a", "b"]}),
     ],
 )

@@ -42,8 +42,45 @@ def test_identifiers_must_be_strings(value: object) -> None:
 
 
 def test_identifiers_at_the_limits_are_accepted() -> None:
-    for fields in ({"card_id": "x", "owner": "y" * 128}, {"card_id": "ünïcode-✓", "owner": "o"}):
+    every_char = "AZaz09._:@-"
+    for fields in ({"card_id": "x", "owner": "y" * 128}, {"card_id": every_char, "owner": "o"}):
         assert validate_payload(BURN, fields).model_dump() == fields
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("c\u0430rd", "U+0430 CYRILLIC SMALL LETTER A at position 2"),  # looks like "card"
+        ("\u0441ard", "U+0441 CYRILLIC SMALL LETTER ES at position 1"),
+        ("card\u200b", "U+200B ZERO WIDTH SPACE at position 5"),
+        ("ca\u200drd", "U+200D ZERO WIDTH JOINER at position 3"),
+        ("\u202ecard", "U+202E RIGHT-TO-LEFT OVERRIDE at position 1"),
+        ("card\ufeff", "U+FEFF ZERO WIDTH NO-BREAK SPACE at position 5"),
+        ("card\u00a01", "U+00A0 NO-BREAK SPACE at position 5"),
+        ("c\uff41rd", "U+FF41 FULLWIDTH LATIN SMALL LETTER A at position 2"),
+        ("cafe\u0301", "U+0301 COMBINING ACUTE ACCENT at position 5"),
+        ("caf\u00e9", "U+00E9 LATIN SMALL LETTER E WITH ACUTE at position 4"),
+        ("card/1", "U+002F SOLIDUS at position 5"),
+        ("nul\x00", "U+0000 (unnamed, category Cc) at position 4"),
+    ],
+)
+@pytest.mark.parametrize("field", ["card_id", "owner"])
+def test_a_lookalike_or_invisible_character_is_named_by_code_point_name_and_field(
+    field: str, value: str, named: str
+) -> None:
+    fields = {"card_id": "card-1", "owner": "alice", field: value}
+    message = problems(SINGLE_MINT, fields)
+    assert f"{field}: must be 1 to 128 characters from A-Z, a-z, 0-9 and . _ : @ -" in message
+    assert f"(found {named})" in message
+
+
+def test_the_identifier_rule_holds_for_every_card_of_a_batch_and_for_request_ids() -> None:
+    message = problems(MINT, {"owner": "o", "card_ids": ["card-1", "c\u0430rd-2"]})
+    assert "card_ids.1: must be 1 to 128" in message and "U+0430 CYRILLIC SMALL LETTER A" in message
+    with pytest.raises(InvalidRequestError, match=r"request_id: .*U\+2011 NON-BREAKING HYPHEN"):
+        check_request_id("r\u20111")
+    with pytest.raises(InvalidRequestError, match=r"task_id: .*U\+0430 CYRILLIC SMALL LETTER A"):
+        resolve_request_id(None, "\u0430")
 
 
 def test_missing_and_unknown_fields_are_named() -> None:

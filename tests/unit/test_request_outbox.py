@@ -89,7 +89,7 @@ def test_invalid_requests_raise_before_anything_is_written(
 
 
 def test_the_relayed_message_is_the_one_delay_publishes(engine: Engine) -> None:
-    fields = {"card_id": "c9", "owner": "zoë", "metadata": {"b": 1, "a": [2]}}
+    fields = {"card_id": "c9", "owner": "zoe", "metadata": {"b": 1, "a": [2], "name": "zoë"}}
     with engine.begin() as connection:
         single_mint.delay_in(connection, request_id="r9", **fields)
     [row] = rows(engine)

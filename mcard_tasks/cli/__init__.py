@@ -60,6 +60,7 @@ def main() -> None:
 def _register() -> None:
     from mcard_tasks.cli import (
         bulk,
+        db,
         demo,
         dlq,
         enqueue,
@@ -71,7 +72,19 @@ def _register() -> None:
         worker,
     )
 
-    for module in (enqueue, bulk, relay, status, topology, dlq, events, health, demo, worker):
+    for module in (
+        enqueue,
+        bulk,
+        relay,
+        status,
+        topology,
+        dlq,
+        events,
+        health,
+        demo,
+        worker,
+        db,
+    ):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import pools
 
-from mcard_tasks.bootsteps import InspectOnlyControl, RelayOutbox
+from mcard_tasks.bootsteps import CheckLedgerSchema, InspectOnlyControl, RelayOutbox
 from mcard_tasks.config import Settings, get_settings
 from mcard_tasks.errors import ConfigurationError
 from mcard_tasks.flower import configure_flower_if_running
@@ -160,6 +160,7 @@ def create_app(settings: Settings | None = None) -> MCardApp:
     os.register_at_fork(after_in_child=lambda: _forget_parent_connections(app))
     app.settings = settings
     app.conf.update(celery_config(settings))
+    app.steps["worker"].add(CheckLedgerSchema)
     app.steps["worker"].add(RelayOutbox)
     # Remote control takes inspect commands only: a revoke would drop a request.
     app.steps["consumer"].add(InspectOnlyControl)

@@ -13,9 +13,33 @@ from kombu.transport.native_delayed_delivery import (
     declare_native_delayed_delivery_exchanges_and_queues,
 )
 
-__all__ = ["InspectOnlyControl", "LiveNodeDelayedDelivery", "RelayOutbox"]
+__all__ = ["CheckLedgerSchema", "InspectOnlyControl", "LiveNodeDelayedDelivery", "RelayOutbox"]
 
 logger = logging.getLogger(__name__)
+
+
+class CheckLedgerSchema(bootsteps.StartStopStep):  # type: ignore[misc]
+    """With MCARD_MIGRATE=false, stop the worker at start when the ledger's schema is not at
+    head (SchemaNotAtHeadError, Celery's "Unrecoverable error", exit 1): better than failing
+    every task. A ledger unreachable at start is checked again on first use instead."""
+
+    # Before the pool: a worker that cannot run must not fork its children first.
+    requires = ("celery.worker.components:Timer",)
+
+    def start(self, parent: Any) -> None:
+        from mcard_tasks.config import settings_of
+        from mcard_tasks.errors import LedgerUnavailableError
+        from mcard_tasks.ledger import get_ledger
+
+        settings = settings_of(parent.app)
+        if settings.migrate:
+            return  # the embedded setup: the schema is brought to head on first use
+        try:
+            get_ledger(settings.database_url, migrate=False)
+        except LedgerUnavailableError as exc:
+            logger.warning("ledger schema not checked at start (checked on first use): %s", exc)
+            return
+        logger.info("the ledger's schema is at head (MCARD_MIGRATE=false: no DDL)")
 
 
 class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     prefetch_multiplier: int | None = Field(default=None, ge=1, le=64)
     broker_pool_limit: int = Field(default=16, ge=1)
     check_conflicts: bool = True
+    #: Processes bring the ledger's schema to head on first use (the embedded setup); false:
+    #: no process runs DDL, each checks the schema is at head and fails naming the revisions
+    #: (the owner role migrates with ``mcard-tasks db upgrade``; deploy/postgres-roles.sql).
+    migrate: bool = True
     max_retries: int = Field(default=5, ge=0, le=50)
     issuer: str = "ledger"
     issuer_latency_ms: float = Field(default=50.0, ge=0)

@@ -1,4 +1,10 @@
-"""Engines for the ledger: one pooled engine per process and URL, schema brought to head once."""
+"""Engines for the ledger: one pooled engine per process and URL; on first use its schema is
+brought to head (MCARD_MIGRATE, the embedded setup) or checked to be at head (a least-privilege
+setup, where only ``mcard-tasks db upgrade`` as the owner role runs DDL).
+
+Every engine hides statement parameters in its errors (``hide_parameters``): a failing
+statement's error, logged or kept as a task state, never carries the request's values.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from mcard_tasks.errors import ConfigurationError, SchemaNotAtHeadError
 
 __all__ = [
     "autocommit_engine_for",
+    "check_schema",
+    "current_revision",
     "engine_for",
+    "head_revision",
+    "masked_url",
     "normalize_url",
     "sqlite_engine",
+    "standalone_engine",
     "upgrade_schema",
 ]
 
@@ -41,6 +55,16 @@ _PG_CONNECT = {"connect_timeout": 5}
 _SCHEMA_LOCK_KEY = 0x6D63617264
 
 
+def masked_url(url: str | Engine) -> str:
+    """url with its password replaced by ***: what may be printed or logged."""
+    if isinstance(url, Engine):
+        return url.url.render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: show nothing of it
+        return "<the configured database URL>"
+
+
 def normalize_url(url: str) -> str:
     """Use the psycopg 3 driver for plain postgresql:// URLs."""
     for prefix in ("postgresql://", "postgres://"):
@@ -59,7 +83,9 @@ def sqlite_engine(url: str, *, wal: bool = True) -> Engine:
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(
+        url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -88,13 +114,45 @@ def _create_engine(url: str) -> Engine:
     # restarted) fails its transaction, which is retried as a transient error, and SQLAlchemy
     # then replaces every connection older than the failure. Reads of outcomes and task states
     # retry once on a fresh connection at once (Ledger._read), so a stale pool never fails them.
-    return create_engine(url, pool_size=10, max_overflow=20, connect_args=_PG_CONNECT)
+    return create_engine(
+        url, pool_size=10, max_overflow=20, connect_args=_PG_CONNECT, hide_parameters=True
+    )
 
 
-def upgrade_schema(engine: Engine) -> None:
-    """Bring the ledger's schema to the newest Alembic revision (safe from many processes)."""
-    from alembic import command
+def _alembic_config() -> Any:
     from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    """The newest Alembic revision of the ledger's migrations (what this code expects)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None, "the ledger's migrations have a single head"
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The ledger database's Alembic revision; None if it was never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def standalone_engine(url: str) -> Engine:
+    """An engine on url of its own (not this process's shared one, nor any schema step): for
+    one command, disposed by its caller."""
+    return _create_engine(normalize_url(url))
+
+
+def upgrade_schema(engine: Engine) -> str:
+    """Bring the ledger's schema to the newest Alembic revision (safe from many processes);
+    return that revision."""
+    from alembic import command
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines are noise here
 
@@ -103,10 +161,41 @@ def upgrade_schema(engine: Engine) -> None:
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
             )
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS))
+        config = _alembic_config()
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+        revision = current_revision(connection)
+    return revision or "base"
+
+
+def check_schema(engine: Engine) -> str:
+    """Check (without any DDL) that the ledger's schema is at the head revision; return it.
+
+    Raises:
+        SchemaNotAtHeadError: it is not (never migrated, older, or newer than this code).
+        ConfigurationError: the revision cannot be read (e.g. no SELECT on alembic_version).
+        OperationalError: the database cannot be reached.
+    """
+    expected = head_revision()
+    try:
+        with engine.connect() as connection:
+            current = current_revision(connection)
+    except OperationalError:
+        raise  # unreachable: the caller's "ledger unavailable"
+    except SQLAlchemyError as exc:
+        raise ConfigurationError(
+            f"cannot read the schema revision of the ledger at {masked_url(engine)}:"
+            f" {_first_line(exc)}"
+        ) from exc
+    if current != expected:
+        raise SchemaNotAtHeadError(masked_url(engine), current, expected)
+    return current
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's own message of a SQLAlchemy error, without SQLAlchemy's SQL and links."""
+    cause = getattr(exc, "orig", None) or exc
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 
 
 def autocommit_engine_for(engine: Engine) -> Engine:
@@ -120,6 +209,7 @@ def autocommit_engine_for(engine: Engine) -> Engine:
         lambda: create_engine(
             engine.url,
             isolation_level="AUTOCOMMIT",
+            hide_parameters=True,
             pool_size=10,
             max_overflow=20,
             connect_args=_PG_CONNECT,
@@ -138,16 +228,30 @@ def _cached(name: str, build: Callable[[], Engine]) -> Engine:
         return engine
 
 
-def engine_for(url: str) -> Engine:
-    """The engine of this process for url, created (and the schema upgraded) on first use.
+def engine_for(url: str, *, migrate: bool | None = None) -> Engine:
+    """The engine of this process for url, created on first use, with its schema brought to
+    head then (migrate) or only checked to be at head (not migrate: no DDL at all, see
+    check_schema). migrate None: MCARD_MIGRATE of this process's environment.
 
     Keyed by process id too: a forked child must not reuse its parent's pooled connections.
+    An engine whose check failed is not kept: the next use checks again.
     """
     url = normalize_url(url)
+    if migrate is None:
+        from mcard_tasks.config import get_settings
+
+        migrate = get_settings().migrate
 
     def build() -> Engine:
         engine = _create_engine(url)
-        upgrade_schema(engine)
+        try:
+            if migrate:
+                upgrade_schema(engine)
+            else:
+                check_schema(engine)
+        except BaseException:
+            engine.dispose()
+            raise
         return engine
 
     return _cached(url, build)

@@ -29,6 +29,7 @@ __all__ = [
     "MCardError",
     "MessageTooLargeError",
     "NoTransactionError",
+    "SchemaNotAtHeadError",
     "TopologyDriftError",
     "TopologyMissingError",
     "TransientError",
@@ -78,6 +79,22 @@ class ConflictError(MCardError):
 
 class ConfigurationError(MCardError):
     """Raised when an MCARD_* setting cannot be used."""
+
+
+class SchemaNotAtHeadError(ConfigurationError):
+    """Raised when MCARD_MIGRATE is false and the ledger's schema is not at the revision this
+    code expects: nothing runs DDL then, the owner role migrates it with ``db upgrade``."""
+
+    def __init__(self, database: str, current: str | None, expected: str) -> None:
+        """database: the ledger's URL, its password masked."""
+        self.current, self.expected = current, expected
+        found = f"revision {current}" if current else "no revision (never migrated)"
+        super().__init__(
+            f"the ledger database {database} is at {found}, this mcard-tasks expects revision"
+            f" {expected} (head); MCARD_MIGRATE=false: no process changes the schema, so run"
+            " `mcard-tasks db upgrade` with MCARD_DATABASE_URL of the owner role"
+            " (mcard_owner), then start this process again"
+        )
 
 
 class NoTransactionError(MCardError):

@@ -42,8 +42,11 @@ BATCH = 500
 class OutboxRelay:
     """Publishes the ledger's pending outcome events, oldest first."""
 
-    def __init__(self, app: Celery, ledger_url: str, interval: float = 0.05) -> None:
+    def __init__(
+        self, app: Celery, ledger_url: str, interval: float = 0.05, migrate: bool | None = None
+    ) -> None:
         self.app, self.ledger_url, self.interval = app, ledger_url, interval
+        self.migrate = migrate
         self._stop = threading.Event()
         # Held while a batch is relayed. A prefork worker forks replacement children while
         # this thread runs: the fork waits for the batch to end, so no child inherits a lock
@@ -55,7 +58,8 @@ class OutboxRelay:
 
     @property
     def ledger(self) -> Ledger:
-        return get_ledger(self.ledger_url)  # opened on use: the ledger may be down at start
+        # Opened on use: the ledger may be down at start.
+        return get_ledger(self.ledger_url, migrate=self.migrate)
 
     def publish_pending(self) -> int:
         """Publish one batch of pending events; return how many the broker confirmed."""
@@ -177,6 +181,7 @@ def relay_for(app: Celery) -> OutboxRelay:
         app,
         settings_of(app).database_url,
         settings_of(app).events_poll_interval,
+        settings_of(app).migrate,
     )
 
 

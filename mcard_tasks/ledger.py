@@ -523,10 +523,14 @@ class Ledger:
         )
 
 
-def get_ledger(url: str) -> Ledger:
-    """The ledger of this process on the database at url."""
+def get_ledger(url: str, *, migrate: bool | None = None) -> Ledger:
+    """The ledger of this process on the database at url.
+
+    migrate: on first use bring the schema to head, or (False) only check it is at head
+    (SchemaNotAtHeadError); None: MCARD_MIGRATE of this process's environment.
+    """
     with _unavailable():
-        engine = engine_for(url)
+        engine = engine_for(url, migrate=migrate)
     ledger = _LEDGERS.get(engine)
     if ledger is None:
         ledger = _LEDGERS[engine] = Ledger(engine)

@@ -139,7 +139,9 @@ def outbox_engine(url: str) -> Engine:
     """
     url = normalize_url(url)
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_size=2, connect_args={"connect_timeout": 5})
+        return create_engine(
+            url, pool_size=2, connect_args={"connect_timeout": 5}, hide_parameters=True
+        )
     return sqlite_engine(url, wal=False)
 
 

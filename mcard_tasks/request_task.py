@@ -189,7 +189,9 @@ class RequestTask(Task):  # type: ignore[misc]
         An unreachable ledger does not stop the publish: the worker checks again.
         """
         try:
-            get_ledger(settings_of(self.app).database_url).check(self.name, request_id, payload)
+            settings = settings_of(self.app)
+            ledger = get_ledger(settings.database_url, migrate=settings.migrate)
+            ledger.check(self.name, request_id, payload)
         except LedgerUnavailableError as exc:
             logger.warning("publishing %s unchecked: %s", request_id, exc)
 
@@ -236,7 +238,7 @@ class RequestTask(Task):  # type: ignore[misc]
     def record(self, payload: Payload) -> dict[str, Any]:
         """Apply the request to the ledger; return its outcome object (the first recorded)."""
         settings = settings_of(self.app)
-        ledger = get_ledger(settings.database_url)
+        ledger = get_ledger(settings.database_url, migrate=settings.migrate)
         try:
             outcome_json = ledger.apply(
                 self.name, self.request.id, payload, configured_issuer(settings)

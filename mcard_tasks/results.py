@@ -41,6 +41,9 @@ class LedgerBackend(BaseBackend):  # type: ignore[misc]
     def _database_url(self) -> str:
         return settings_of(self.app).database_url
 
+    def _ledger(self) -> Any:
+        return get_ledger(self._database_url, migrate=settings_of(self.app).migrate)
+
     def _store_result(
         self,
         task_id: str,
@@ -53,7 +56,7 @@ class LedgerBackend(BaseBackend):  # type: ignore[misc]
         if state == states.SUCCESS:
             return result  # the ledger recorded it with the effect, in one transaction
         try:
-            ledger = get_ledger(self._database_url)
+            ledger = self._ledger()
             if ledger.outcome(task_id) is None:
                 ledger.save_task_state(task_id, state, json.dumps(result, default=str), traceback)
         except LedgerUnavailableError as exc:
@@ -62,7 +65,7 @@ class LedgerBackend(BaseBackend):  # type: ignore[misc]
         return result
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
-        ledger = get_ledger(self._database_url)
+        ledger = self._ledger()
         outcome = ledger.outcome(task_id)
         if outcome is not None:
             return {

@@ -87,7 +87,9 @@ def enqueue_many(
     report = ImportReport(source=reader.name)
     started = time.monotonic()
     settings = settings_of(app)
-    check = ConflictCheck(settings.database_url if settings.check_conflicts else None)
+    check = ConflictCheck(
+        settings.database_url if settings.check_conflicts else None, settings.migrate
+    )
     publisher = Publisher(app, report, timeout or settings.publish_timeout, window)
     try:
         _import(reader, report, check, publisher, progress, skip_invalid)

@@ -18,10 +18,11 @@ Verdict = Literal["new", "recorded", "conflict"]
 class ConflictCheck:
     """Chunked lookups of request IDs in the ledger: conflicts and replays."""
 
-    def __init__(self, ledger_url: str | None) -> None:
+    def __init__(self, ledger_url: str | None, migrate: bool | None = None) -> None:
         """ledger_url: the ledger to consult (opened on first use, so that a ledger down at
-        the start fails inside the import, with its report); None checks nothing."""
-        self.ledger_url = ledger_url
+        the start fails inside the import, with its report); None checks nothing. migrate:
+        see get_ledger."""
+        self.ledger_url, self.migrate = ledger_url, migrate
 
     def recorded(self, requests: list[Request]) -> dict[str, str]:
         """The recorded fingerprints of those request IDs the ledger holds.
@@ -31,7 +32,7 @@ class ConflictCheck:
         """
         if self.ledger_url is None or not requests:
             return {}
-        return get_ledger(self.ledger_url).fingerprints(
+        return get_ledger(self.ledger_url, migrate=self.migrate).fingerprints(
             sorted({request.request_id for request in requests})
         )
 

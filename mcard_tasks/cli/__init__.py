@@ -61,6 +61,7 @@ def _register() -> None:
     from mcard_tasks.cli import (
         broker,
         bulk,
+        db,
         demo,
         dlq,
         enqueue,
@@ -72,7 +73,20 @@ def _register() -> None:
         worker,
     )
 
-    modules = (enqueue, bulk, relay, status, topology, broker, dlq, events, health, demo, worker)
+    modules = (
+        enqueue,
+        bulk,
+        relay,
+        status,
+        topology,
+        broker,
+        dlq,
+        events,
+        health,
+        demo,
+        worker,
+        db,
+    )
     for module in modules:
         for command in module.COMMANDS:
             main.add_command(command)

@@ -30,7 +30,7 @@ def _legacy_counts(app: Any) -> dict[str, int] | None:
     from mcard_tasks.ledger import get_ledger
 
     try:
-        return get_ledger(app.settings.database_url).legacy_counts()
+        return get_ledger(app.settings.database_url, migrate=app.settings.migrate).legacy_counts()
     except Exception:  # any ledger trouble (down, no table yet, a bad URL): shown as "?"
         return None
 
@@ -84,7 +84,7 @@ def health(timeout: float) -> None:
             return str(connection.as_uri())
 
     def ledger() -> str:
-        engine = get_ledger(app.settings.database_url).engine
+        engine = get_ledger(app.settings.database_url, migrate=app.settings.migrate).engine
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         return engine.url.render_as_string(hide_password=True)

@@ -21,7 +21,7 @@ def status(request_id: str) -> None:
     from mcard_tasks import app
     from mcard_tasks.ledger import get_ledger
 
-    ledger = get_ledger(app.settings.database_url)
+    ledger = get_ledger(app.settings.database_url, migrate=app.settings.migrate)
     outcome = ledger.outcome(check_request_id(request_id))
     if outcome is not None:
         click.echo(json.dumps(outcome, sort_keys=True))

@@ -28,7 +28,10 @@ def _no_password() -> bytes:
 class Settings(BaseSettings):
     """Every setting of mcard-tasks; each field is the variable MCARD_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="MCARD_", extra="ignore", frozen=True)
+    # hide_input_in_errors: an error must not print the settings (the broker URL's password).
+    model_config = SettingsConfigDict(
+        env_prefix="MCARD_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     broker_url: str = "amqp://guest:guest@localhost:5672//"
     #: TLS to the broker (amqps:// URLs only): the CA file the broker's certificate is

@@ -5,6 +5,9 @@ sets them from the MCARD_* settings when it is imported, before Flower parses it
 basic auth from MCARD_FLOWER_USER / MCARD_FLOWER_PASSWORD (pages and API answer 401 without
 them), read-only (no revoke or terminate of a mint from the UI), the task columns operators
 need, and, without credentials, localhost only.
+
+Flower opens its broker connections through the app (``capp.connection()``), so an amqps://
+MCARD_BROKER_URL gives it the same verified TLS as every other process (mcard_tasks.tls).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from mcard_tasks.config import Settings, get_settings
 from mcard_tasks.errors import ConfigurationError
 from mcard_tasks.flower import configure_flower_if_running
 from mcard_tasks.identity import check_identity
+from mcard_tasks.tls import broker_ssl_options
 from mcard_tasks.topology import EXCHANGE, build_topology
 
 __all__ = ["MCardApp", "app", "celery_config", "create_app"]
@@ -30,6 +31,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         # Several URLs separated by ';' are kombu's failover list.
         "broker_url": settings.broker_url,
+        # amqps://: the broker's certificate and host name verified (tls.py: how py-amqp and
+        # kombu take these options, and why MCardApp's connections resolve the host name).
+        "broker_use_ssl": broker_ssl_options(settings),
         "result_backend": "mcard_tasks.results:LedgerBackend",
         # Topology: built once in topology.py, shared by producer and worker. Celery detects
         # quorum queues only from its own config, so both sides must use the same list.
@@ -130,8 +134,13 @@ def _forget_parent_connections(app: Celery) -> None:
 
 
 class MCardApp(Celery):  # type: ignore[misc]
-    """Celery's app, carrying the one Settings object it was configured from."""
+    """Celery's app, carrying the one Settings object it was configured from.
 
+    Its connections are mcard_tasks.tls.VerifiedConnection: with amqps://, each checks the
+    broker's certificate against the host of the URL it connects to.
+    """
+
+    amqp_cls = "mcard_tasks.tls:TLSAMQP"
     settings: Settings
 
 

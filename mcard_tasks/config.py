@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "default_database_url", "get_settings", "settings_of"]
@@ -19,12 +21,26 @@ def default_database_url() -> str:
     return f"sqlite:///{base / 'mcard-tasks' / 'ledger.sqlite3'}"
 
 
+def _no_password() -> bytes:
+    return b""
+
+
 class Settings(BaseSettings):
     """Every setting of mcard-tasks; each field is the variable MCARD_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="MCARD_", extra="ignore", frozen=True)
+    # hide_input_in_errors: an error must not print the settings (the broker URL's password).
+    model_config = SettingsConfigDict(
+        env_prefix="MCARD_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     broker_url: str = "amqp://guest:guest@localhost:5672//"
+    #: TLS to the broker (amqps:// URLs only): the CA file the broker's certificate is
+    #: verified against (unset: the system's default CA store; the certificate and the URL's
+    #: host name are verified either way), and an optional client certificate and its key
+    #: (both or neither). PEM files, read when the settings are loaded.
+    broker_ca_file: str | None = None
+    broker_cert_file: str | None = None
+    broker_key_file: str | None = None
     database_url: str = Field(default_factory=default_database_url)
     concurrency: int = Field(default=8, ge=1, le=512)
     pool: Literal["threads", "prefork", "solo"] = "threads"
@@ -86,6 +102,87 @@ class Settings(BaseSettings):
     @property
     def spec_modules(self) -> list[str]:
         return [name.strip() for name in self.specs.split(",") if name.strip()]
+
+    @field_validator("broker_ca_file", "broker_cert_file", "broker_key_file", mode="before")
+    @classmethod
+    def _readable_file(cls, value: Any, info: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        path = Path(str(value)).expanduser()
+        name = f"MCARD_{info.field_name.upper()}"
+        try:
+            with path.open("rb") as file:
+                file.read(1)
+        except OSError as exc:
+            raise ValueError(f"{name}: cannot read {path} ({exc.strerror or exc})") from exc
+        return str(path)
+
+    @model_validator(mode="after")
+    def _broker_tls(self) -> Settings:
+        schemes = {url.split("://", 1)[0].lower() for url in self.broker_urls if "://" in url}
+        files = {
+            "MCARD_BROKER_CA_FILE": self.broker_ca_file,
+            "MCARD_BROKER_CERT_FILE": self.broker_cert_file,
+            "MCARD_BROKER_KEY_FILE": self.broker_key_file,
+        }
+        given = [name for name, path in files.items() if path]
+        if "amqps" in schemes and len(schemes) > 1:
+            raise ValueError(
+                "MCARD_BROKER_URL mixes amqps:// and plain URLs; one set of TLS settings"
+                " applies to every URL of the list: make them all amqps://"
+            )
+        if given and schemes != {"amqps"}:
+            raise ValueError(
+                f"{', '.join(given)} set, but MCARD_BROKER_URL is not amqps:// (the files"
+                " would be silently unused): use an amqps:// URL (port 5671) or unset them"
+            )
+        if bool(self.broker_cert_file) != bool(self.broker_key_file):
+            raise ValueError(
+                "MCARD_BROKER_CERT_FILE and MCARD_BROKER_KEY_FILE go together (a client"
+                " certificate and its key): set both or neither"
+            )
+        if self.broker_tls:
+            for url in self.broker_urls:
+                if not urlsplit(url).hostname:
+                    raise ValueError(
+                        "MCARD_BROKER_URL: an amqps:// URL needs the broker's host name (the"
+                        " certificate is checked against it)"
+                    )
+        # The files must be what they claim: PEM certificates, a key matching the certificate.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.broker_ca_file:
+            try:
+                context.load_verify_locations(cafile=self.broker_ca_file)
+            except (ssl.SSLError, ValueError) as exc:
+                raise ValueError(
+                    f"MCARD_BROKER_CA_FILE: {self.broker_ca_file} holds no usable CA"
+                    f" certificate ({exc})"
+                ) from exc
+        if self.broker_cert_file and self.broker_key_file:
+            try:
+                # py-amqp takes no key password: an encrypted key fails here, not at a prompt.
+                context.load_cert_chain(
+                    self.broker_cert_file, self.broker_key_file, password=_no_password
+                )
+            except (ssl.SSLError, ValueError) as exc:
+                raise ValueError(
+                    f"MCARD_BROKER_CERT_FILE / MCARD_BROKER_KEY_FILE: {self.broker_cert_file}"
+                    f" and {self.broker_key_file} are not a certificate and its unencrypted"
+                    f" key ({exc})"
+                ) from exc
+        return self
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """The URLs of MCARD_BROKER_URL (several, separated by ';': a failover list)."""
+        return [url.strip() for url in self.broker_url.split(";") if url.strip()]
+
+    @property
+    def broker_tls(self) -> bool:
+        """True for amqps:// broker URLs (TLS, certificate and host name verified)."""
+        return bool(self.broker_urls) and all(
+            url.lower().startswith("amqps://") for url in self.broker_urls
+        )
 
     @field_validator("log_level")
     @classmethod

@@ -8,6 +8,9 @@ operators need, and, without credentials, 127.0.0.1. Once Flower has parsed its 
 (variables, config file, flags), the options it will really use are checked: without
 authentication it may only listen on a loopback address or a unix socket, and every basic
 auth entry must be a whole ``user:password``.
+
+Flower opens its broker connections through the app (``capp.connection()``), so an amqps://
+MCARD_BROKER_URL gives it the same verified TLS as every other process (mcard_tasks.tls).
 """
 
 from __future__ import annotations

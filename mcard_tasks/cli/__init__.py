@@ -26,6 +26,15 @@ BROKER_HINT = (
 )
 
 
+def _broker_failure(exc: BaseException) -> str:
+    """The line for a broker that cannot be reached: a failed TLS verification named as such
+    (the broker's host, not trusted or not matching), anything else with the usual hint."""
+    from mcard_tasks.config import get_settings
+    from mcard_tasks.tls import tls_failure
+
+    return tls_failure(exc, get_settings()) or f"cannot reach the broker ({exc}); {BROKER_HINT}"
+
+
 def _fail(code: int, message: str) -> None:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(code)
@@ -46,7 +55,7 @@ class Group(click.Group):
         except BrokerUnavailableError as exc:
             _fail(EXIT_BROKER, f"{exc}; {BROKER_HINT}")
         except (BrokerError, ConnectionError) as exc:
-            _fail(EXIT_BROKER, f"cannot reach the broker ({exc}); {BROKER_HINT}")
+            _fail(EXIT_BROKER, _broker_failure(exc))
         except MCardError as exc:
             _fail(EXIT_OTHER, str(exc))
 

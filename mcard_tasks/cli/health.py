@@ -77,10 +77,17 @@ def health(timeout: float) -> None:
 
     from mcard_tasks import app
     from mcard_tasks.ledger import get_ledger
+    from mcard_tasks.tls import tls_failure
 
     def broker() -> str:
         with app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=timeout)
+            try:
+                connection.ensure_connection(max_retries=1, timeout=timeout)
+            except Exception as exc:  # a failed TLS verification is named as such
+                reason = tls_failure(exc, app.settings)
+                if reason is None:
+                    raise
+                raise RuntimeError(reason) from exc
             return str(connection.as_uri())
 
     def ledger() -> str:

@@ -32,19 +32,22 @@ def entrypoint_env(database_url: str, name: str) -> dict[str, str]:
 
 
 #: What docker-compose.yml requires (``${VAR:?message}``), each with no default.
+BROKER_ROLES = ("admin", "deploy", "producer", "worker", "monitor", "operator", "subscriber")
+DATABASE_ROLES = ("owner", "worker", "producer")
 SECRETS = (
-    "MCARD_BROKER_PASSWORD",
+    *(f"MCARD_BROKER_PASSWORD_{role.upper()}" for role in BROKER_ROLES),
     "RABBITMQ_ERLANG_COOKIE",
     "POSTGRES_PASSWORD",
-    "MCARD_DATABASE_PASSWORD",
+    *(f"MCARD_DATABASE_PASSWORD_{role.upper()}" for role in DATABASE_ROLES),
     "MCARD_FLOWER_PASSWORD",
 )
 #: The keys of docker-compose.yml whose values are secrets.
 SECRET_KEYS = (
-    "RABBITMQ_DEFAULT_PASS",
     "RABBITMQ_ERLANG_COOKIE",
     "POSTGRES_PASSWORD",
-    "MCARD_DATABASE_PASSWORD",
+    "PGPASSWORD",
+    *(f"MCARD_BROKER_PASSWORD_{role.upper()}" for role in BROKER_ROLES),
+    *(f"MCARD_DATABASE_PASSWORD_{role.upper()}" for role in DATABASE_ROLES),
     "MCARD_FLOWER_PASSWORD",
 )
 COMPOSE = ROOT / "docker-compose.yml"
@@ -62,14 +65,16 @@ def test_the_compose_file_ships_no_default_secret() -> None:
         assert values, f"{key} is set somewhere"
         for value in values:
             assert re.fullmatch(r'"\$\{\w+:\?[^}]+\}"', value), f"{key}: {value} is required"
-    passwords = re.findall(r"(?:amqp|postgresql)://\w+:(\$\{[^}]*\}|[^@\s\"]*)@", text)
-    assert len(passwords) == 5, "the broker URL, the database URL, the cluster's three"
+    passwords = re.findall(r"(?:amqp|postgresql)://[\w-]+:(\$\{[^}]*\}|[^@\s\"]*)@", text)
+    assert len(passwords) >= 10, "every broker and database URL"
     for password in passwords:
         assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", password), f"{password}: not required"
+    # $$NAME is compose's escape: the container's shell reads its own (required) variable.
+    compose_text = re.sub(r"\$\$\w+", "", text)
     for name in SECRETS:
         assert f"${{{name}:?" in text, f"{name} is required"
         assert not re.search(rf"\$\{{{name}(:?-|-)", text), f"{name} has a default"
-        assert f"${{{name}}}" not in text and f"${name}" not in text, f"{name} may be empty"
+        assert f"${{{name}}}" not in compose_text and f"${name}" not in compose_text, name
 
 
 def test_env_example_lists_every_secret_without_a_value() -> None:
@@ -107,14 +112,25 @@ def test_the_compose_file_validates_with_its_secrets_and_uses_them(
     done = compose_config(tmp_path, values, *profile)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    broker, database = values["MCARD_BROKER_PASSWORD"], values["MCARD_DATABASE_PASSWORD"]
-    assert f"amqp://mcard:{broker}@rabbitmq:5672//" in out
-    assert f"RABBITMQ_DEFAULT_PASS: {broker}" in out
-    assert f"postgresql://mcard:{database}@postgres:5432/mcard" in out
+    broker = {role: values[f"MCARD_BROKER_PASSWORD_{role.upper()}"] for role in BROKER_ROLES}
+    database = {role: values[f"MCARD_DATABASE_PASSWORD_{role.upper()}"] for role in DATABASE_ROLES}
+    # Each component logs in as its own role, none as an administrator.
+    node = "rabbit1" if profile else "rabbitmq"
+    for role in ("deploy", "worker", "monitor"):
+        assert f"amqp://mcard-{role}:{broker[role]}@{node}:5672//" in out, role
+    if not profile:
+        for role in ("producer", "operator"):
+            assert f"amqp://mcard-{role}:{broker[role]}@rabbitmq:5672//" in out, role
+    assert f"mcard-admin:{broker['admin']}@" not in out
+    assert "RABBITMQ_DEFAULT_USER" not in out and "RABBITMQ_DEFAULT_PASS" not in out
+    for role in DATABASE_ROLES:
+        assert f"postgresql://mcard_{role}:{database[role]}@postgres:5432/mcard" in out, role
+    assert "postgresql://postgres:" not in out, "the superuser is in no component's URL"
     assert f"POSTGRES_PASSWORD: {values['POSTGRES_PASSWORD']}" in out
     assert "POSTGRES_USER: postgres" in out, "the superuser is not the application's role"
     assert f"MCARD_FLOWER_PASSWORD: {values['MCARD_FLOWER_PASSWORD']}" in out
     assert f"RABBITMQ_ERLANG_COOKIE: {values['RABBITMQ_ERLANG_COOKIE']}" in out
+    assert out.count("MCARD_DECLARE: 'false'") + out.count('MCARD_DECLARE: "false"') >= 2
     assert "change-me" not in out and "mcard:mcard@" not in out
 
 

@@ -5,8 +5,8 @@
 - A message without task headers may be a legacy message (the seed's shape): with
   MCARD_LEGACY_MESSAGES it is republished as the task message of its request
   (mcard_tasks.legacy), and dead-lettered with the reason if it is not a valid one.
-- Only the task kinds of mcard-tasks run: a message naming any other task (Celery's
-  built-ins such as ``celery.chord_unlock`` included) is an unknown task, dead-lettered.
+- Only the tasks of mcard-tasks run: a message naming any other task (Celery's built-ins
+  such as ``celery.chord_unlock`` included) is an unknown task, dead-lettered.
 - With MCARD_PRODUCERS, a message whose ``user_id`` is not an allowed producer of its task is
   dead-lettered with a reason naming the user (mcard_tasks.identity), before anything runs.
 - Native delayed delivery is declared on the live node the consumer just connected to, so a
@@ -37,10 +37,13 @@ from mcard_tasks.errors import InvalidLegacyMessageError
 from mcard_tasks.identity import ProducerPolicy, producer_policy
 from mcard_tasks.legacy import LegacyRequest, republish, translate
 from mcard_tasks.limits import guarded
-from mcard_tasks.specs import task_names
 from mcard_tasks.topology import build_topology
 
-__all__ = ["MCardConsumer"]
+__all__ = ["CELERY_BUILTINS", "MCardConsumer"]
+
+#: The prefix of Celery's built-in tasks (chord_unlock, backend_cleanup, map, chain, ...):
+#: registered in every app, executed by no mcard-tasks worker.
+CELERY_BUILTINS = "celery."
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +78,14 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         return connection
 
     def update_strategies(self) -> None:
-        """Strategies for the task kinds of mcard-tasks only: any other name (Celery's
-        built-ins too) finds none and is dead-lettered as an unknown task. With
+        """Strategies for the tasks this worker was given (mcard-tasks' kinds, and modules an
+        operator loads with ``-I``), never for Celery's built-ins (``celery.*``): a message
+        naming one finds no strategy and is dead-lettered as an unknown task. With
         MCARD_PRODUCERS, each strategy first checks the message's producer."""
         policy = self._policy = producer_policy(self.app)
-        ours = set(task_names())
         loader = self.app.loader
         for name, task in self.app.tasks.items():
-            if name not in ours:
+            if name.startswith(CELERY_BUILTINS):
                 self.strategies.pop(name, None)
                 continue
             strategy = task.start_strategy(self.app, self)

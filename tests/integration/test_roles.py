@@ -501,3 +501,17 @@ def test_an_operator_replays_valid_letters_only_never_an_unauthorized_one(
 def dlq_depth(realm: Realm, queue: str = QUEUE) -> int:
     with realm.admin() as connection:
         return int(connection.default_channel.queue_declare(f"{queue}.dlq", passive=True)[1])
+
+
+def test_an_oversized_body_from_a_listed_producer_is_dead_lettered_undecoded(
+    realm: Realm, worker: Worker
+) -> None:
+    letters(realm)
+    request_id = f"roles-big-{uuid.uuid4().hex}"
+    message = task_message(request_id)
+    big = message._replace(body=b"[[], {" + b" " * 300_000 + b"}, {}]")
+    publish(realm, "producer", big)
+    reasons = wait_for_letters(realm, 1)
+    assert reasons[request_id].startswith("body: the task message is 300")
+    assert "over MCARD_MAX_BODY_BYTES=262144" in reasons[request_id]
+    assert minted(realm, request_id) == 0

@@ -68,7 +68,9 @@ def put_letter(
     queue: str = QUEUE,
     **properties: Any,
 ) -> None:
-    """Put a message straight into queue's DLQ, as the worker's dead-lettering leaves it."""
+    """Put a message straight into queue's DLQ, as the worker's dead-lettering leaves it;
+    return once the DLQ counts it (a quorum queue's count can trail a confirm a moment)."""
+    before = depth(dlq_name(queue))
     with app.producer_or_acquire() as producer:
         producer.publish(
             body,
@@ -81,6 +83,7 @@ def put_letter(
             delivery_mode=2,
             **properties,
         )
+    wait_for(lambda: depth(dlq_name(queue)) > before, TIMEOUT, f"the letter in {queue}.dlq")
 
 
 def put_valid(request_id: str, card: str, **headers: Any) -> None:

@@ -69,6 +69,18 @@ class Realm:
             timeout=timeout,
         )
 
+    def python(self, role: str, script: str) -> subprocess.CompletedProcess[str]:
+        """Run a Python script as role; fail the test if it fails."""
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env=self.env(role),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
     def connection(self, role: str) -> Connection:
         """A confirming connection as role: a refused publish raises at once."""
         return Connection(self.url(role), transport_options={"confirm_publish": True})
@@ -280,14 +292,7 @@ def test_the_monitor_runs_inspect_and_reads_task_events(realm: Realm, worker: Wo
         "        pass\n"
         "print(json.dumps(sorted({e['type'] for e in events})))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        env=realm.env("monitor"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    done = realm.python("monitor", script)
     nodes, events = (json.loads(line) for line in done.stdout.splitlines()[-2:])
     assert worker.node in nodes
     assert events, "a worker heartbeat (or another event) within 20 s"
@@ -383,14 +388,7 @@ def test_the_monitor_may_inspect_but_not_revoke_or_shut_down(realm: Realm, worke
         "        command, arguments=arguments, destination=node, reply=True, timeout=3)\n"
         "print(json.dumps(replies))\n"
     ) % (revoked, merged)
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        env=realm.env("monitor"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    done = realm.python("monitor", script)
     replies = json.loads(done.stdout.splitlines()[-1])
     for command in ("shutdown", "revoke", "pool_shrink", "rate_limit"):
         (reply,) = replies[command]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer
 
 from mcard_tasks.config import settings_of
@@ -320,12 +320,17 @@ def subscribe(
     A body that is not a JSON object is skipped and counted (``Subscription.malformed``), a
     foreign publisher's event too (``Subscription.foreign``); neither ends the subscription.
     """
+    # With MCARD_DECLARE=false the exchange is only checked (passive): the subscriber role
+    # may configure its own queues, not the exchange.
+    exchange = EVENTS_EXCHANGE
+    if not settings_of(app).declare:
+        exchange = Exchange(EVENTS_EXCHANGE.name, type=EVENTS_EXCHANGE.type, passive=True)
     if queue:
-        bound = Queue(queue, EVENTS_EXCHANGE, routing_key=pattern, durable=True, auto_delete=False)
+        bound = Queue(queue, exchange, routing_key=pattern, durable=True, auto_delete=False)
     else:
         bound = Queue(
             f"mcard.events.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
-            EVENTS_EXCHANGE,
+            exchange,
             routing_key=pattern,
             exclusive=True,
             auto_delete=True,

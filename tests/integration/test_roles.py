@@ -513,3 +513,35 @@ def test_an_oversized_body_from_a_listed_producer_is_dead_lettered_undecoded(
     assert reasons[request_id].startswith("body: the task message is 300")
     assert "over MCARD_MAX_BODY_BYTES=262144" in reasons[request_id]
     assert minted(realm, request_id) == 0
+
+
+def test_a_subscriber_reads_outcome_events_on_its_own_queue(realm: Realm, worker: Worker) -> None:
+    request_id = f"roles-sub-{uuid.uuid4().hex}"
+    script = (
+        "import json, subprocess, sys, os\n"
+        "from mcard_tasks import app\n"
+        "from mcard_tasks.events import subscribe\n"
+        "with subscribe(app, timeout=1.0) as events:\n"
+        "    print('subscribed', flush=True)\n"
+        "    for _, event in zip(range(30), events):\n"
+        f"        if event is not None and event.request_id == {request_id!r}:\n"
+        "            print(json.dumps(event.routing_key))\n"
+        "            break\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=realm.env("subscriber"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as reader:
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == "subscribed", reader.stderr
+        done = realm.cli(
+            "producer",
+            *("single-mint", "--owner", "dave", "--card-id", f"card-{request_id}"),
+            *("--request-id", request_id),
+        )
+        assert done.returncode == 0, done.stderr
+        out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0 and "mcard.single_mint" in out, err

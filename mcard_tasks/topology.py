@@ -114,14 +114,17 @@ class Topology:
         except PreconditionFailed as exc:
             raise TopologyDriftError(explain_drift(exc)) from exc
 
-    def missing(self, channel: Any) -> list[str]:
-        """The exchanges and queues not on the broker (passive declares, each on a channel
-        of its own: a NotFound closes the channel it happened on). Needs no permission."""
+    def missing(
+        self, channel: Any, entities: tuple[Exchange | Queue, ...] | None = None
+    ) -> list[str]:
+        """The exchanges and queues (default: all of them) not on the broker: passive
+        declares, each on a channel of its own (a NotFound closes the channel it happened
+        on). Needs no permission."""
+        if entities is None:
+            entities = self.exchanges + self.dead_letter_queues + self.task_queues
         connection = channel.connection
         found: list[str] = []
-        probes: list[tuple[str, Any]] = [(f"exchange {e.name}", e) for e in self.exchanges]
-        probes += [(f"queue {q.name}", q) for q in self.dead_letter_queues + self.task_queues]
-        for label, entity in probes:
+        for entity in entities:
             probe = connection.channel()
             try:
                 if isinstance(entity, Queue):
@@ -129,14 +132,15 @@ class Topology:
                 else:
                     entity.bind(probe).declare(passive=True)
             except NotFound:
-                found.append(label)
+                kind = "queue" if isinstance(entity, Queue) else "exchange"
+                found.append(f"{kind} {entity.name}")
                 continue
             probe.close()
         return found
 
-    def check(self, channel: Any) -> None:
-        """Raise TopologyMissingError naming everything that is not on the broker."""
-        missing = self.missing(channel)
+    def check(self, channel: Any, entities: tuple[Exchange | Queue, ...] | None = None) -> None:
+        """Raise TopologyMissingError naming everything (of entities) not on the broker."""
+        missing = self.missing(channel, entities)
         if missing:
             raise TopologyMissingError(
                 f"the broker lacks {', '.join(missing)} (MCARD_DECLARE=false: this process"
@@ -147,21 +151,8 @@ class Topology:
         """Before publishing outcome events: declare or check the events exchange."""
         if self.declares:
             EVENTS_EXCHANGE.bind(channel).declare()
-        elif self.missing_exchange(channel, EVENTS_EXCHANGE):
-            raise TopologyMissingError(
-                f"the broker lacks exchange {EVENTS_EXCHANGE.name} (MCARD_DECLARE=false); run"
-                " `mcard-tasks topology declare` as the deploy role"
-            )
-
-    @staticmethod
-    def missing_exchange(channel: Any, exchange: Exchange) -> bool:
-        probe = channel.connection.channel()
-        try:
-            exchange.bind(probe).declare(passive=True)
-        except NotFound:
-            return True
-        probe.close()
-        return False
+        else:
+            self.check(channel, (EVENTS_EXCHANGE,))
 
     def prepare(self, channel: Any) -> None:
         """Before using the broker: declare everything (MCARD_DECLARE=true) or check it."""

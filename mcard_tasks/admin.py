@@ -23,6 +23,7 @@ from mcard_tasks.config import settings_of
 from mcard_tasks.confirms import BROKER_ERRORS, publish_confirmed
 from mcard_tasks.deadletter import REASON_HEADER
 from mcard_tasks.errors import BrokerUnavailableError
+from mcard_tasks.identity import producer_policy
 from mcard_tasks.legacy import LEGACY_HEADER, describe
 from mcard_tasks.replay import replay_problem, replayed_headers, replayed_properties
 from mcard_tasks.roles import CELERY_EVENTS
@@ -246,6 +247,7 @@ def replay_dlq(
     """
     name = _dlq(queue)
     source = name.removesuffix(".dlq")
+    policy = producer_policy(app)
     with app.connection_for_write() as connection:
         channel = connection.channel()
         dlq = topology_of(app).queue(name)(channel)
@@ -258,7 +260,7 @@ def replay_dlq(
                 message = dlq.get(no_ack=False)
                 if message is None:
                     break
-                verdict = Verdict(_describe(message), replay_problem(message, source))
+                verdict = Verdict(_describe(message), replay_problem(message, source, policy))
                 replay.verdicts.append(verdict)
                 if verdict.problem is not None or dry_run:
                     continue  # unacked: back to the DLQ when the channel closes
@@ -268,7 +270,7 @@ def replay_dlq(
                         message.body,
                         exchange=EXCHANGE.name,
                         routing_key=source,
-                        headers=replayed_headers(message.headers or {}),
+                        headers=replayed_headers(message),
                         content_type=message.content_type,
                         content_encoding=message.content_encoding,
                         delivery_mode=2,

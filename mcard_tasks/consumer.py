@@ -8,7 +8,8 @@
 - Only the tasks of mcard-tasks run: a message naming any other task (Celery's built-ins
   such as ``celery.chord_unlock`` included) is an unknown task, dead-lettered.
 - With MCARD_PRODUCERS, a message whose ``user_id`` is not an allowed producer of its task is
-  dead-lettered with a reason naming the user (mcard_tasks.identity), before anything runs.
+  dead-lettered with a reason naming the user (mcard_tasks.identity), before anything else is
+  looked at (limits, task name, body).
 - Native delayed delivery is declared on the live node the consumer just connected to, so a
   failover resumes consuming at once.
 - A message over the size or ETA limits (MCARD_MAX_BODY_BYTES, MCARD_MAX_ETA_SECONDS) is
@@ -80,39 +81,45 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
     def update_strategies(self) -> None:
         """Strategies for the tasks this worker was given (mcard-tasks' kinds, and modules an
         operator loads with ``-I``), never for Celery's built-ins (``celery.*``): a message
-        naming one finds no strategy and is dead-lettered as an unknown task. With
-        MCARD_PRODUCERS, each strategy first checks the message's producer."""
-        policy = self._policy = producer_policy(self.app)
+        naming one finds no strategy and is dead-lettered as an unknown task. MCARD_PRODUCERS
+        is read here too (the task handler checks it first)."""
+        self._policy = producer_policy(self.app)
         loader = self.app.loader
         for name, task in self.app.tasks.items():
             if name.startswith(CELERY_BUILTINS):
                 self.strategies.pop(name, None)
                 continue
-            strategy = task.start_strategy(self.app, self)
-            if policy is not None:
-                strategy = self._guarded(name, strategy, policy)
-            self.strategies[name] = strategy
+            self.strategies[name] = task.start_strategy(self.app, self)
             task.__trace__ = build_tracer(name, task, loader, self.hostname, app=self.app)
 
-    def _guarded(self, name: str, strategy: Any, policy: ProducerPolicy) -> Any:
-        """strategy, run only for a message whose user_id may publish task name."""
-
-        def guarded(message: Any, *args: Any, **kwargs: Any) -> Any:
-            refusal = policy.refusal(name, (message.properties or {}).get("user_id"))
-            if refusal is not None:
-                self._refuse(message, refusal)
-                return None
-            return strategy(message, *args, **kwargs)
-
-        return guarded
+    def _producer_refusal(self, message: Any) -> str | None:
+        """Why message's producer may not publish it (MCARD_PRODUCERS), or None: for the task
+        it names, or (a legacy message, an unknown task) for any task at all."""
+        policy = self._policy
+        if policy is None:
+            return None
+        name = (message.headers or {}).get("task")
+        known = name if isinstance(name, str) and name in self.strategies else None
+        return policy.message_refusal(message, known)
 
     def _refuse(self, message: Any, reason: str) -> None:
         dead_letter(self.app, message, reason)
         signals.task_rejected.send(sender=self, message=message, exc=None)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
-        """Celery's handler of every received message, behind the limits (mcard_tasks.limits)."""
-        return guarded(self, super().create_task_handler(*args, **kwargs))
+        """Celery's handler of every received message, behind the producer check, then the
+        limits (mcard_tasks.limits): an unlisted producer's message is refused as such
+        whatever else is wrong with it, so its dead letter is never replayed."""
+        handler = guarded(self, super().create_task_handler(*args, **kwargs))
+
+        def on_task_received(message: Any) -> Any:
+            refusal = self._producer_refusal(message)
+            if refusal is None:
+                return handler(message)
+            self._refuse(message, refusal)
+            return None
+
+        return on_task_received
 
     def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
         """The connection of the worker's task events (Celery's Events step is its one user).
@@ -149,8 +156,7 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
             return
         policy = self._policy
         if policy is not None:
-            user = (message.properties or {}).get("user_id")
-            refusal = policy.refusal(request.spec.name, user)
+            refusal = policy.message_refusal(message, request.spec.name)
             if refusal is not None:
                 self._refuse(message, f"{refusal} (a legacy message)")
                 return

@@ -3,7 +3,8 @@
 Every way a message can be unprocessable (undecodable body, a content type other than JSON,
 no Celery headers, an unknown task, invalid fields, a conflict, a transient failure that
 outlasted its retries) ends in its queue's ``.dlq``. The message is republished unchanged to
-the dead-letter exchange with an ``x-mcard-reason`` header, confirmed, and only then acked;
+the dead-letter exchange with an ``x-mcard-reason`` header (and the original producer's
+user_id in ``x-mcard-producer``), confirmed, and only then acked;
 if that publish fails, the message is rejected and RabbitMQ dead-letters it itself (the queue
 has a dead-letter exchange), without the header but never lost. A crash between the confirmed
 republish and the ack can leave a second copy in the DLQ: replays are idempotent by request ID.
@@ -22,7 +23,7 @@ from celery.exceptions import Reject
 from celery.worker.request import Request
 
 from mcard_tasks.confirms import publish_confirmed
-from mcard_tasks.identity import UNAUTHORIZED_PRODUCER
+from mcard_tasks.identity import PRODUCER_HEADER, UNAUTHORIZED_PRODUCER, producer_of
 from mcard_tasks.specs import task_names
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
 
@@ -66,6 +67,9 @@ def dead_letter(app: Any, message: Any, reason: str) -> None:
 def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
     headers = dict(message.headers or {})
     headers[REASON_HEADER] = reason[:_REASON_MAX]
+    # The letter is published as the worker's user: who published the request travels here
+    # (written over whatever the message carried), for dlq replay to check.
+    headers[PRODUCER_HEADER] = producer_of(message) or ""
     properties = message.properties or {}
     # Bounded: a blocked broker makes this fail (then the message is rejected and RabbitMQ
     # dead-letters it) instead of stalling the worker.

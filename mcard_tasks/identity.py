@@ -9,6 +9,12 @@ from the connection's user is refused (the channel is closed with PRECONDITION_F
 users every task, ``mcard.single_burn=support`` allows a user one task; entries mix. The
 worker's own broker user is always allowed: its retries and the task messages it republishes
 for legacy messages carry it. Unset, the worker executes what the broker let anyone publish.
+The producer is checked before anything else the worker looks at (limits, task name, body).
+
+A dead letter the worker made carries the worker's ``user_id``; the original producer travels
+in :data:`PRODUCER_HEADER` (:func:`letter_producer` reads it). ``dlq replay`` publishes with
+the operator's ``user_id`` and that header, and the worker checks both: a request whose
+producer was refused never runs through a replay, whoever replays it.
 """
 
 from __future__ import annotations
@@ -25,16 +31,20 @@ from mcard_tasks.errors import ConfigurationError
 from mcard_tasks.specs import task_names
 
 __all__ = [
+    "PRODUCER_HEADER",
     "UNAUTHORIZED_PRODUCER",
     "ProducerPolicy",
     "broker_user",
     "check_identity",
+    "letter_producer",
     "producer_policy",
     "user_of_url",
 ]
 
 #: How a refusal for its producer starts: replays never republish such a dead letter.
 UNAUTHORIZED_PRODUCER = "unauthorized producer"
+#: The header of a worker-made dead letter naming the original message's user_id ("" for none).
+PRODUCER_HEADER = "x-mcard-producer"
 #: kombu's user for a URL without one.
 _DEFAULT_USER = "guest"
 _USERS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -80,6 +90,10 @@ class ProducerPolicy:
     def allows(self, task: str, user: str) -> bool:
         return user == self.own or user in self.everyone or user in self.per_task.get(task, ())
 
+    def allows_any(self, user: str) -> bool:
+        """Whether user may publish at least one task."""
+        return self.allows("", user) or any(user in users for users in self.per_task.values())
+
     def refusal(self, task: str, user: object) -> str | None:
         """Why a message of task published by user (its ``user_id``) is refused, or None."""
         if user is None or user == "":
@@ -92,6 +106,54 @@ class ProducerPolicy:
         if not isinstance(user, str) or not self.allows(task, user):
             return f"{UNAUTHORIZED_PRODUCER}: user {user!r} may not publish {task}"
         return None
+
+    def message_refusal(self, message: Any, task: str | None) -> str | None:
+        """Why the worker must not take message, or None: its user_id may not publish task
+        (task None: a legacy message or an unknown task, any task), nor may the original
+        producer a replay names in :data:`PRODUCER_HEADER`."""
+        refusal = self._refusal_of(task, producer_of(message))
+        headers = message.headers or {}
+        if refusal is None and PRODUCER_HEADER in headers:
+            original = _text(headers[PRODUCER_HEADER]) or None
+            refusal = self._refusal_of(task, original)
+            if refusal is not None:
+                refusal += f" (the original producer of this replay, {PRODUCER_HEADER})"
+        return refusal
+
+    def _refusal_of(self, task: str | None, user: str | None) -> str | None:
+        if task is not None:
+            return self.refusal(task, user)
+        if user is not None and self.allows_any(user):
+            return None  # the legacy path checks its task once it is translated
+        return self.refusal("any task", user)
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
+
+
+def producer_of(message: Any) -> str | None:
+    """The user_id of a message as delivered (None without one)."""
+    user = (message.properties or {}).get("user_id")
+    return _text(user) or None
+
+
+def letter_producer(message: Any, task_queues: frozenset[str]) -> str | None:
+    """Who published the request a dead letter holds (None: nobody named).
+
+    A letter the broker dead-lettered from a task queue (an ``x-death`` entry of one of
+    task_queues: a reject, the delivery limit) keeps its properties: its user_id is the
+    producer's, and a :data:`PRODUCER_HEADER` it carries came from the producer, so it is
+    ignored. Any other letter was republished by the worker, which wrote the header over
+    whatever the message carried.
+    """
+    headers = message.headers or {}
+    deaths = headers.get("x-death") or []
+    if isinstance(deaths, list) and any(
+        isinstance(death, dict) and _text(death.get("queue")) in task_queues for death in deaths
+    ):
+        return producer_of(message)
+    return _text(headers.get(PRODUCER_HEADER)) or None
 
 
 def parse_producers(text: str) -> tuple[frozenset[str], dict[str, frozenset[str]]]:

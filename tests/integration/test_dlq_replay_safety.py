@@ -21,7 +21,7 @@ from mcard_tasks import app
 from mcard_tasks.admin import queue_depths, replay_dlq
 from mcard_tasks.cli import EXIT_INVALID, main
 from mcard_tasks.deadletter import REASON_HEADER, UNAUTHORIZED_PRODUCER
-from mcard_tasks.identity import broker_user
+from mcard_tasks.identity import PRODUCER_HEADER, broker_user
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.legacy import LEGACY_HEADER
 from mcard_tasks.tasks import single_mint
@@ -187,7 +187,11 @@ def test_invalid_letters_are_refused_and_stay_and_the_valid_one_runs_with_fresh_
     headers, properties = replayed.headers, replayed.properties
     assert headers["id"] == good and headers["task"] == QUEUE, "the request ID is kept"
     assert headers["retries"] == 0 and headers.get("eta") is None and "countdown" not in headers
-    assert not [k for k in headers if k.startswith("x-") and k != "x-delivery-count"], headers
+    spent = [k for k in headers if k.startswith("x-")]
+    assert set(spent) <= {"x-delivery-count", PRODUCER_HEADER}, headers
+    # The letter's x-death names the task queue: the broker dead-lettered it, so its user_id
+    # is its producer's, and travels as the original producer.
+    assert headers[PRODUCER_HEADER] == broker_user(app)
     # The replaying operator's own user (here the session's), never the letter's.
     assert properties["user_id"] == broker_user(app)
     assert json.loads(replayed.body)[1] == {"card_id": good_card, "owner": "alice"}

@@ -26,7 +26,7 @@ from kombu import Connection, Producer
 
 from mcard_tasks import app
 from mcard_tasks.broker_users import password_variable
-from mcard_tasks.identity import UNAUTHORIZED_PRODUCER
+from mcard_tasks.identity import PRODUCER_HEADER, UNAUTHORIZED_PRODUCER
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.messages import TaskMessages
 from mcard_tasks.roles import ROLES, permissions
@@ -59,11 +59,13 @@ class Realm:
         env.update({f"MCARD_{key.upper()}": value for key, value in settings.items()})
         return env
 
-    def cli(self, role: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, role: str, *args: str, timeout: float = 60, **settings: str
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(CONSOLE_SCRIPT), *args],
             cwd=ROOT,
-            env=self.env(role),
+            env=self.env(role, **settings),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -482,7 +484,11 @@ def test_an_operator_replays_valid_letters_only_never_an_unauthorized_one(
             message.body,
             exchange="mcard.dlx",
             routing_key=QUEUE,
-            headers=dict(message.headers, **{"x-mcard-reason": "TransientError: ledger down"}),
+            headers=dict(
+                message.headers,
+                **{"x-mcard-reason": "TransientError: ledger down"},
+                **{PRODUCER_HEADER: realm.user("producer")},
+            ),
             **{k: v for k, v in message.properties.items() if k != "user_id"},
         )
     wait_for(lambda: dlq_depth(realm) == 3, 30, "three dead letters")
@@ -494,6 +500,51 @@ def test_an_operator_replays_valid_letters_only_never_an_unauthorized_one(
     assert set(left) == {unauthorized, invalid}
     assert left[unauthorized].startswith(UNAUTHORIZED_PRODUCER)
     assert minted(realm, unauthorized) == 0 and minted(realm, invalid) == 0
+
+
+def test_an_unlisted_producer_is_refused_before_the_limits_and_never_through_a_replay(
+    realm: Realm, worker: Worker
+) -> None:
+    letters(realm)
+    far = f"roles-far-{uuid.uuid4().hex}"
+    message = task_message(far)
+    publish(realm, "intruder", message._replace(headers=dict(message.headers, eta="2999-01-01")))
+    big = f"roles-big-intruder-{uuid.uuid4().hex}"
+    message = task_message(big)
+    publish(realm, "intruder", message._replace(body=b"[[], {" + b" " * 300_000 + b"}, {}]"))
+    reasons = wait_for_letters(realm, 2)
+    for request_id in (far, big):
+        assert reasons[request_id] == (
+            f"{UNAUTHORIZED_PRODUCER}: user {realm.user('intruder')!r} may not publish {QUEUE}"
+        )
+    # A letter the broker dead-lettered from the task queue (x-death): its user_id is the
+    # producer's, and an x-mcard-producer header in it is the producer's own forgery.
+    forged = f"roles-forged-letter-{uuid.uuid4().hex}"
+    message = task_message(forged)
+    death = {"queue": QUEUE, "reason": "rejected", "count": 1, "exchange": "mcard"}
+    with realm.admin() as connection:
+        Producer(connection.default_channel).publish(
+            message.body,
+            exchange="mcard.dlx",
+            routing_key=QUEUE,
+            headers=dict(message.headers, **{"x-death": [death]}, **{PRODUCER_HEADER: "app"}),
+            **{k: v for k, v in message.properties.items() if k != "user_id"},
+        )
+    wait_for(lambda: dlq_depth(realm) == 1, 30, "the letter in the DLQ")
+    # An operator with MCARD_PRODUCERS refuses it...
+    listed = f"{realm.user('producer')},{realm.user('operator')}"
+    shown = realm.cli("operator", "dlq", "replay", QUEUE, "--dry-run", producers=listed)
+    assert shown.returncode == 2, shown.stdout + shown.stderr
+    assert "has no user_id" in shown.stdout and "never replayed" in shown.stdout, shown.stdout
+    # ... and one without it replays it as itself (a listed producer), with the original
+    # producer (none) in x-mcard-producer: the worker refuses it.
+    replayed = realm.cli("operator", "dlq", "replay", QUEUE)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    reasons = wait_for_letters(realm, 1)
+    assert reasons[forged].startswith(f"{UNAUTHORIZED_PRODUCER}: the message has no user_id")
+    assert f"(the original producer of this replay, {PRODUCER_HEADER})" in reasons[forged]
+    for request_id in (far, big, forged):
+        assert minted(realm, request_id) == 0
 
 
 def dlq_depth(realm: Realm, queue: str = QUEUE) -> int:

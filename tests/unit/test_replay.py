@@ -10,6 +10,7 @@ import pytest
 
 from mcard_tasks import app
 from mcard_tasks.deadletter import REASON_HEADER, UNAUTHORIZED_PRODUCER
+from mcard_tasks.identity import PRODUCER_HEADER, ProducerPolicy, letter_producer
 from mcard_tasks.legacy import LEGACY_HEADER
 from mcard_tasks.messages import task_message
 from mcard_tasks.payloads import SingleMintRequest
@@ -23,6 +24,7 @@ class Letter:
     body: bytes
     headers: dict[str, Any] = field(default_factory=dict)
     content_type: str = "application/json"
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
 def published(**headers: Any) -> Letter:
@@ -92,15 +94,112 @@ def test_a_replay_starts_afresh_keeping_the_request_id_and_celerys_headers() -> 
             "x-mcard-other": "x",
             LEGACY_HEADER: "mcard_single_mint",
         },
-    ).headers
+    )
+    original.headers[PRODUCER_HEADER] = "app"
     fresh = replayed_headers(original)
-    celerys = {k: v for k, v in original.items() if not k.startswith("x-") and k != "countdown"}
-    assert fresh == {**celerys, "retries": 0, "eta": None, LEGACY_HEADER: "mcard_single_mint"}
+    celerys = {
+        k: v for k, v in original.headers.items() if not k.startswith("x-") and k != "countdown"
+    }
+    assert fresh == {
+        **celerys,
+        "retries": 0,
+        "eta": None,
+        LEGACY_HEADER: "mcard_single_mint",
+        PRODUCER_HEADER: "app",
+    }
     assert fresh["id"] == "r-1" and fresh["task"] == QUEUE
 
 
 def test_a_legacy_letter_gets_no_celery_headers() -> None:
-    assert replayed_headers({REASON_HEADER: "r", "x-death": []}) == {}
+    letter = Letter(b"{}", {REASON_HEADER: "r", "x-death": [], PRODUCER_HEADER: "app"})
+    assert replayed_headers(letter) == {PRODUCER_HEADER: "app"}
+
+
+def _policy() -> ProducerPolicy:
+    return ProducerPolicy(own="ops", everyone=frozenset({"app"}))
+
+
+def _dead_lettered_by_the_broker(user: str | None, **headers: Any) -> Letter:
+    letter = published(**headers)
+    letter.headers.pop(REASON_HEADER)
+    letter.headers["x-death"] = [{"queue": QUEUE, "reason": "delivery_limit", "count": 1}]
+    letter.properties = {"user_id": user} if user else {}
+    return letter
+
+
+def test_the_producer_of_a_letter_is_the_workers_header_or_the_brokers_user_id() -> None:
+    tasks = frozenset({QUEUE})
+    made = published(**{PRODUCER_HEADER: "app"})
+    made.properties = {"user_id": "worker"}
+    assert letter_producer(made, tasks) == "app"
+    assert letter_producer(published(**{PRODUCER_HEADER: ""}), tasks) is None
+    # Dead-lettered by the broker from the task queue: a header is the producer's own (ignored).
+    forged = _dead_lettered_by_the_broker("eve", **{PRODUCER_HEADER: "app"})
+    assert letter_producer(forged, tasks) == "eve"
+    assert letter_producer(_dead_lettered_by_the_broker(None), tasks) is None
+    # An x-death of delayed delivery (not a task queue) does not make the user_id the producer.
+    delayed = published(**{PRODUCER_HEADER: "app"})
+    delayed.headers["x-death"] = [{"queue": "celery_delayed_3", "reason": "expired"}]
+    delayed.properties = {"user_id": "worker"}
+    assert letter_producer(delayed, tasks) == "app"
+
+
+@pytest.mark.parametrize(
+    ("letter", "problem"),
+    [
+        (published(**{PRODUCER_HEADER: "eve"}), "user 'eve' may not publish mcard.single_mint"),
+        (published(**{PRODUCER_HEADER: ""}), "has no user_id"),
+        (published(), "has no user_id"),
+        (_dead_lettered_by_the_broker("eve", **{PRODUCER_HEADER: "app"}), "user 'eve'"),
+        (_dead_lettered_by_the_broker(None), "has no user_id"),
+    ],
+)
+def test_with_mcard_producers_a_letter_of_an_unlisted_producer_is_never_replayed(
+    letter: Letter, problem: str
+) -> None:
+    found = replay_problem(letter, QUEUE, _policy())
+    assert found is not None and problem in found and "never replayed" in found, found
+    assert replay_problem(letter, QUEUE) is None  # without MCARD_PRODUCERS: the worker checks
+
+
+def test_with_mcard_producers_a_listed_producers_letter_is_replayed() -> None:
+    assert replay_problem(published(**{PRODUCER_HEADER: "app"}), QUEUE, _policy()) is None
+    assert replay_problem(_dead_lettered_by_the_broker("app"), QUEUE, _policy()) is None
+
+
+@dataclass
+class Delivered:
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+
+
+@pytest.mark.parametrize(
+    ("user", "header", "task", "refused"),
+    [
+        ("app", None, QUEUE, None),
+        ("eve", None, QUEUE, "user 'eve' may not publish mcard.single_mint"),
+        (None, None, QUEUE, "has no user_id"),
+        ("ops", "app", QUEUE, None),  # a replay of app's request
+        ("ops", "eve", QUEUE, "user 'eve' may not publish mcard.single_mint (the original"),
+        ("ops", "", QUEUE, "has no user_id (MCARD_PRODUCERS is set"),
+        ("app", None, None, None),  # a legacy message: its task is checked once translated
+        ("eve", None, None, "user 'eve' may not publish any task"),
+        ("burner", None, None, None),
+        ("burner", None, QUEUE, "user 'burner' may not publish mcard.single_mint"),
+    ],
+)
+def test_the_worker_checks_the_user_id_and_a_replays_original_producer(
+    user: str | None, header: str | None, task: str | None, refused: str | None
+) -> None:
+    burners = {"mcard.single_burn": frozenset({"burner"})}
+    policy = ProducerPolicy(own="ops", everyone=frozenset({"app"}), per_task=burners)
+    headers = {} if header is None else {PRODUCER_HEADER: header}
+    message = Delivered(headers, {"user_id": user} if user else {})
+    found = policy.message_refusal(message, task)
+    if refused is None:
+        assert found is None
+    else:
+        assert found is not None and found.startswith(UNAUTHORIZED_PRODUCER) and refused in found
 
 
 def test_user_id_is_never_copied() -> None:

@@ -13,15 +13,15 @@
 -- and again after it (grants on tables that exist only then: the producer's, and the worker's
 -- read-only alembic_version); again any time, harmlessly.
 --
---   psql -v ON_ERROR_STOP=1 -d mcard \
---        -v owner_password="$OWNER_PW" -v worker_password="$WORKER_PW" \
---        -v producer_password="$PRODUCER_PW" -f deploy/postgres-roles.sql
+--   MCARD_DATABASE_PASSWORD_OWNER=... MCARD_DATABASE_PASSWORD_WORKER=... \
+--   MCARD_DATABASE_PASSWORD_PRODUCER=... psql -v ON_ERROR_STOP=1 -d mcard -f deploy/postgres-roles.sql
 --
--- Optional psql variables (-v name=value): owner_role, worker_role, producer_role (defaults
--- mcard_owner, mcard_worker, mcard_producer), schema (default public), and owner_password,
--- worker_password, producer_password. No password is stored in this file: a role whose
--- password is not given keeps the one it has (a new one has none: set it later with
--- `\password mcard_worker` in psql, or ALTER ROLE mcard_worker PASSWORD '...').
+-- The passwords come from those environment variables (psql's \getenv), never from a command
+-- line, which every user of the host sees in the process list. Optional psql variables
+-- (-v name=value): owner_role, worker_role, producer_role (defaults mcard_owner, mcard_worker,
+-- mcard_producer), schema (default public). No password is stored in this file: a role whose
+-- variable is unset or empty keeps the password it has (a new one has none: set it later with
+-- `\password mcard_worker` in psql, which keeps it out of the server's log too).
 -- Roles are cluster-wide; the grants below are for this database only.
 
 \set ON_ERROR_STOP on
@@ -49,14 +49,30 @@ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r.role) \gexec
 ALTER ROLE :"owner_role" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
 ALTER ROLE :"worker_role" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
 ALTER ROLE :"producer_role" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+-- Each role's password, from the environment (unset or empty: unchanged).
+\getenv owner_password MCARD_DATABASE_PASSWORD_OWNER
 \if :{?owner_password}
+SELECT :'owner_password' <> '' AS mcard_password_given \gset
+\if :mcard_password_given
 ALTER ROLE :"owner_role" PASSWORD :'owner_password';
 \endif
+\unset owner_password
+\endif
+\getenv worker_password MCARD_DATABASE_PASSWORD_WORKER
 \if :{?worker_password}
+SELECT :'worker_password' <> '' AS mcard_password_given \gset
+\if :mcard_password_given
 ALTER ROLE :"worker_role" PASSWORD :'worker_password';
 \endif
+\unset worker_password
+\endif
+\getenv producer_password MCARD_DATABASE_PASSWORD_PRODUCER
 \if :{?producer_password}
+SELECT :'producer_password' <> '' AS mcard_password_given \gset
+\if :mcard_password_given
 ALTER ROLE :"producer_role" PASSWORD :'producer_password';
+\endif
+\unset producer_password
 \endif
 
 -- The database: only these roles connect; only the owner may make temporary tables.

@@ -135,6 +135,22 @@ def test_the_compose_file_validates_with_its_secrets_and_uses_them(
 
 
 @needs_docker_compose
+@pytest.mark.parametrize("profile", [[], ["--profile", "cluster"], ["--profile", "tools"]])
+def test_secrets_reach_containers_only_in_their_environment(
+    tmp_path: Path, profile: list[str]
+) -> None:
+    """No command, entrypoint or health check holds a secret or expands one (a command line is
+    in every host user's process list): each secret is only ever an environment entry."""
+    values = {name: secrets.token_hex(24) for name in SECRETS}
+    done = compose_config(tmp_path, values, *profile)
+    assert done.returncode == 0, done.stderr
+    environment_entry = re.compile(r"^\s+[A-Z_][A-Z0-9_]*: ")
+    for line in done.stdout.splitlines():
+        if "PASSWORD" in line or any(value in line for value in values.values()):
+            assert environment_entry.match(line), f"a secret outside an environment: {line!r}"
+
+
+@needs_docker_compose
 @pytest.mark.parametrize("missing", SECRETS)
 def test_the_compose_file_refuses_to_run_without_each_secret(tmp_path: Path, missing: str) -> None:
     values = {name: secrets.token_hex(24) for name in SECRETS if name != missing}

@@ -68,10 +68,14 @@ class RolesDatabase:
                 f"worker_role={self.worker}",
                 "-v",
                 f"producer_role={self.producer}",
-                *(a for role, pw in self.passwords.items() for a in ("-v", f"{_var(role)}={pw}")),
                 "-f",
                 str(ROLES_SQL),
             ],
+            # The passwords in the environment: never on psql's command line.
+            env=dict(
+                os.environ,
+                **{_var(role): password for role, password in self.passwords.items()},
+            ),
             capture_output=True,
             text=True,
             timeout=60,
@@ -87,8 +91,8 @@ class RolesDatabase:
 
 
 def _var(role: str) -> str:
-    """The psql variable of role's password: owner_password, worker_password..."""
-    return role.split("_")[1] + "_password"
+    """The environment variable of role's password: MCARD_DATABASE_PASSWORD_OWNER, ..."""
+    return "MCARD_DATABASE_PASSWORD_" + role.split("_")[1].upper()
 
 
 def _admin(sql: str) -> None:
@@ -140,6 +144,11 @@ def roles_db() -> Iterator[RolesDatabase]:
         assert db.passwords[db.owner] not in done.stdout + done.stderr
         assert "***" in done.stdout
         assert "grants applied on the migrated ledger" in db.apply_roles()
+        # Each role got its password from the environment (the server here trusts local
+        # logins, so the hash is what shows it).
+        for role in roles:
+            [(hashed,)] = db.admin("SELECT rolpassword FROM pg_authid WHERE rolname = %s", role)
+            assert isinstance(hashed, str) and hashed.startswith("SCRAM-SHA-256$"), role
         yield db
     finally:
         _dispose(db.name)

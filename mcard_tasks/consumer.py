@@ -5,8 +5,9 @@
 - A message without task headers may be a legacy message (the seed's shape): with
   MCARD_LEGACY_MESSAGES it is republished as the task message of its request
   (mcard_tasks.legacy), and dead-lettered with the reason if it is not a valid one.
-- Only the tasks of mcard-tasks run: a message naming any other task (Celery's built-ins
-  such as ``celery.chord_unlock`` included) is an unknown task, dead-lettered.
+- Only the tasks of mcard-tasks run (its task kinds, and modules an operator names with
+  ``-I``): a message naming any other task (Celery's built-ins such as
+  ``celery.chord_unlock``, a library's task) is an unknown task, dead-lettered.
 - With MCARD_PRODUCERS, a message whose ``user_id`` is not an allowed producer of its task is
   dead-lettered with a reason naming the user (mcard_tasks.identity), before anything else is
   looked at (limits, task name, body).
@@ -38,13 +39,26 @@ from mcard_tasks.errors import InvalidLegacyMessageError
 from mcard_tasks.identity import ProducerPolicy, producer_policy
 from mcard_tasks.legacy import LegacyRequest, republish, translate
 from mcard_tasks.limits import guarded
+from mcard_tasks.specs import task_names
 from mcard_tasks.topology import build_topology
 
-__all__ = ["CELERY_BUILTINS", "MCardConsumer"]
+__all__ = ["CELERY_BUILTINS", "MCardConsumer", "executable_tasks"]
 
 #: The prefix of Celery's built-in tasks (chord_unlock, backend_cleanup, map, chain, ...):
-#: registered in every app, executed by no mcard-tasks worker.
+#: registered in every app, executed by no mcard-tasks worker, even from an included module.
 CELERY_BUILTINS = "celery."
+
+
+def executable_tasks(app: Any, include: Any) -> frozenset[str]:
+    """The task names a worker executes: the task kinds, and the tasks defined in the modules
+    of include (the worker's ``-I``), never a built-in."""
+    modules = {include} if isinstance(include, str) else set(include or ())
+    included = {
+        name
+        for name, task in app.tasks.items()
+        if type(task).__module__ in modules and not name.startswith(CELERY_BUILTINS)
+    }
+    return frozenset(task_names()) | frozenset(included)
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +93,16 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         return connection
 
     def update_strategies(self) -> None:
-        """Strategies for the tasks this worker was given (mcard-tasks' kinds, and modules an
-        operator loads with ``-I``), never for Celery's built-ins (``celery.*``): a message
-        naming one finds no strategy and is dead-lettered as an unknown task. MCARD_PRODUCERS
-        is read here too (the task handler checks it first)."""
+        """Strategies only for mcard-tasks' task kinds (mcard_tasks.specs, plugins included)
+        and the tasks of modules an operator names with ``-I``/``--include``: a message naming
+        any other task (Celery's built-ins such as ``celery.chord_unlock``, a task some imported
+        library registers) finds no strategy and is dead-lettered as an unknown task.
+        MCARD_PRODUCERS is read here too (the task handler checks it first)."""
         self._policy = producer_policy(self.app)
+        allowed = executable_tasks(self.app, getattr(self.controller, "include", None))
         loader = self.app.loader
         for name, task in self.app.tasks.items():
-            if name.startswith(CELERY_BUILTINS):
+            if name not in allowed:
                 self.strategies.pop(name, None)
                 continue
             self.strategies[name] = task.start_strategy(self.app, self)

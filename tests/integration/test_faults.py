@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -210,6 +211,41 @@ def test_a_task_that_kills_its_process_stops_at_the_delivery_limit_in_the_dlq(
     assert [m.headers["task"] for m in dead] == ["mcard.test.kill_self"]
     deaths = dead[0].headers.get("x-death") or []
     assert any(d.get("reason") == "delivery_limit" for d in deaths), deaths
+    after = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+    assert after.get(timeout=30, interval=0.05)["outcome"] == "succeeded", "the worker goes on"
+    assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("included", [False, True])
+def test_only_the_task_kinds_and_included_modules_run(
+    sqlite_url: str, make_worker: Callable[..., Worker], tmp_path: Path, included: bool
+) -> None:
+    """A task an imported library registers is never run unless -I names its module; Celery's
+    built-ins never, even with -I celery.app.builtins."""
+    extra = ("-I", "tests.library_tasks,celery.app.builtins") if included else ()
+    worker = make_worker(sqlite_url, "library", *extra, specs="tests.library_tasks").start()
+    use_ledger(sqlite_url)
+    drain_dlq("mcard.single_mint")
+    marker = tmp_path / "ran"
+    app.send_task(
+        "mcard.test.library_task", kwargs={"marker": str(marker)}, queue="mcard.single_mint"
+    )
+    app.send_task("celery.backend_cleanup", queue="mcard.single_mint")
+    expected = {"celery.backend_cleanup"} | (set() if included else {"mcard.test.library_task"})
+    dead: list[Any] = []
+    wait_for(
+        lambda: dead.extend(drain_dlq("mcard.single_mint")) or len(dead) >= len(expected),
+        30,
+        "the refused tasks in the DLQ",
+    )
+    assert {m.headers["task"] for m in dead} == expected
+    for message in dead:
+        reason = message.headers["x-mcard-reason"]
+        assert reason == f"unknown task name {message.headers['task']!r}", reason
+    if included:
+        wait_for(marker.exists, 30, "the included library task to run")
+    else:
+        assert not marker.exists()
     after = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
     assert after.get(timeout=30, interval=0.05)["outcome"] == "succeeded", "the worker goes on"
     assert worker.stop() == 0

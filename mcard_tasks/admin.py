@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,17 @@ def declare_topology(app: Celery) -> None:
                 bind_queue_to_native_delayed_delivery_exchange(connection, queue)
 
 
+@contextmanager
+def _probe(connection: Any) -> Iterator[Any]:
+    """A channel for one probe, closed after it (a refused probe has the broker close it)."""
+    channel = connection.channel()
+    try:
+        yield channel
+    finally:
+        with suppress(Exception):  # already closed by the broker's refusal
+            channel.close()
+
+
 def check_topology(app: Celery, notes: list[str] | None = None) -> list[str]:
     """Problems found between the broker and the declared topology (empty when all is well);
     what could not be checked is appended to notes."""
@@ -91,29 +102,33 @@ def check_topology(app: Celery, notes: list[str] | None = None) -> list[str]:
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
         for exchange in topology.exchanges:
-            try:
-                exchange(connection.channel()).declare(passive=True)
-            except NotFound:
-                problems.append(f"exchange {exchange.name} is missing")
+            with _probe(connection) as channel:
+                try:
+                    exchange(channel).declare(passive=True)
+                except NotFound:
+                    problems.append(f"exchange {exchange.name} is missing")
         for queue in topology.task_queues + topology.dead_letter_queues:
-            try:
-                queue(connection.channel()).queue_declare(passive=True)
-            except NotFound:
-                problems.append(f"queue {queue.name} is missing")
-                continue
+            with _probe(connection) as channel:
+                try:
+                    queue(channel).queue_declare(passive=True)
+                except NotFound:
+                    problems.append(f"queue {queue.name} is missing")
+                    continue
             if not compare:
                 continue
-            try:  # an equivalent declare is a no-op; a different argument is refused
-                queue(connection.channel()).queue_declare()
-            except PreconditionFailed as exc:
-                problems.append(explain_drift(exc))
-            except AccessRefused:
-                # The operator role may not configure: existence checked, arguments not.
-                compare = False
-                notes.append(
-                    "queue arguments not compared: this broker user may not declare (configure"
-                    " permission); run `mcard-tasks topology check` as the deploy role for that"
-                )
+            with _probe(connection) as channel:
+                try:  # an equivalent declare is a no-op; a different argument is refused
+                    queue(channel).queue_declare()
+                except PreconditionFailed as exc:
+                    problems.append(explain_drift(exc))
+                except AccessRefused:
+                    # The operator role may not configure: existence checked, arguments not.
+                    compare = False
+                    notes.append(
+                        "queue arguments not compared: this broker user may not declare"
+                        " (configure permission); run `mcard-tasks topology check` as the"
+                        " deploy role for that"
+                    )
     return problems
 
 

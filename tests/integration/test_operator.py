@@ -183,3 +183,27 @@ def test_health_and_queues_fail_when_the_broker_is_down(command: str) -> None:
     )
     assert done.returncode != 0
     assert "Connection refused" in done.stdout + done.stderr
+
+
+def test_a_topology_check_closes_each_probe_channel(
+    vhost: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each passive probe has its own channel (a refusal closes it), closed after the probe:
+    none piles up on the connection while the check runs."""
+    from kombu import Connection
+
+    from mcard_tasks.admin import check_topology, declare_topology
+
+    declare_topology(app)
+    open_at_release: list[int] = []
+    release = Connection.release
+
+    def counting(self: Connection) -> None:
+        if self.connected:
+            # py-amqp keeps channel 0 (the connection's own) and its open channels here.
+            open_at_release.append(len([c for c in self.connection.channels if c]))
+        release(self)
+
+    monkeypatch.setattr(Connection, "release", counting)
+    assert check_topology(app) == []
+    assert open_at_release and max(open_at_release) <= 1, open_at_release

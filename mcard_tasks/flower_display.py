@@ -1,4 +1,4 @@
-"""How Flower shows a task: a rejection is not a plain SUCCESS, a dead letter not STARTED.
+"""How Flower shows a task: a rejection is REJECTED with its reason, not a plain SUCCESS.
 
 To Celery a rejection is a success: the task returned its outcome object. Flower's
 ``format_task`` option is applied to a copy of each task before the tasks page and a task's
@@ -22,18 +22,13 @@ from mcard_tasks.errors import MCardError
 from mcard_tasks.rules import REJECTED
 
 __all__ = [
-    "DEAD_LETTER_STATE",
     "Outcome",
-    "dead_lettered",
     "display_state",
     "ledger_lookup",
     "outcome_in",
     "task_formatter",
 ]
 
-#: What the pages show for a task whose message the worker rejected: here it does so only to
-#: dead-letter it (Reject(requeue=False): a conflict, an invalid request).
-DEAD_LETTER_STATE = "DEAD-LETTERED"
 #: Outcomes read from the ledger for results Celery cut short; final, so they are kept.
 _KEPT_OUTCOMES = 10_000
 
@@ -83,20 +78,6 @@ def display_state(state: str, outcome: Outcome | None) -> str:
     return state
 
 
-def dead_lettered(task: Any) -> bool:
-    """Whether the worker's last word on task was a rejection of its message (a dead letter).
-
-    Celery's REJECTED ranks below RECEIVED and STARTED, so Flower keeps showing STARTED for a
-    message rejected after it started; only the ``rejected`` time is set. A replay from the
-    dead-letter queue is received again later, and is no longer dead-lettered.
-    """
-    rejected = getattr(task, "rejected", None)
-    if not rejected or getattr(task, "state", None) in states.READY_STATES:
-        return False
-    before = [getattr(task, name, None) or 0 for name in ("received", "started")]
-    return bool(rejected >= max(before))
-
-
 def ledger_lookup(settings: Settings) -> Lookup:
     """Read recorded outcomes from the ledger of settings (MCARD_DATABASE_URL)."""
 
@@ -136,8 +117,6 @@ def task_formatter(lookup: Lookup | None = None) -> FunctionType:
         if state == states.SUCCESS and isinstance(result, str):
             outcome = outcome_in(result) or recorded(str(getattr(task, "uuid", "") or ""))
             task.state = display_state(state, outcome)
-        elif dead_lettered(task):
-            task.state = DEAD_LETTER_STATE
         return task
 
     return format_task  # type: ignore[return-value]

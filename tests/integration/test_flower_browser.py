@@ -1,5 +1,6 @@
 """Flower in a real headless Chromium: an operator finds a request by its ID and sees a
-rejection as REJECTED with its reason, a success as SUCCESS; without credentials, 401.
+rejection as REJECTED with its reason, a success as SUCCESS, a dead letter as FAILURE;
+without credentials, 401.
 
 Also writes the README's screenshots: into docs/ with MCARD_WRITE_SCREENSHOTS=1, otherwise
 into the test's temporary folder (the suite never changes the checkout).
@@ -17,7 +18,7 @@ import pytest
 
 from mcard_tasks import app
 from mcard_tasks.tasks import single_burn, single_mint
-from tests.fixtures import ROOT, Worker, use_ledger, wait_for
+from tests.fixtures import ROOT, Worker, drain_dlq, use_ledger, wait_for
 from tests.integration.test_flower import PASSWORD, USER, Flower, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -122,6 +123,9 @@ def test_an_operator_tells_a_rejection_from_a_success_in_the_browser(
     single_mint.delay(card_id=other, owner="alice", request_id=f"order-{tag}-3").get(timeout=30)
     single_burn.delay(card_id=other, owner="bob", request_id=f"burn-{tag}-4").get(timeout=30)
     single_burn.delay(card_id=other, owner="alice", request_id=f"burn-{tag}-5").get(timeout=30)
+    # Past the producer's checks: the worker rejects the message into the DLQ
+    dead = f"bad-{tag}"
+    app.send_task("mcard.single_mint", kwargs={"card_id": "no spaces", "owner": "o"}, task_id=dead)
 
     def recorded_by_flower(request_id: str) -> Any:
         status, task = flower.request(f"/api/task/info/{request_id}")
@@ -130,6 +134,12 @@ def test_an_operator_tells_a_rejection_from_a_success_in_the_browser(
     api_view = wait_for(lambda: recorded_by_flower(refused), 30, "Flower to have the rejection")
     for request_id in (minted, f"burn-{tag}-5"):
         wait_for(lambda r=request_id: recorded_by_flower(r), 30, f"Flower to have {request_id}")
+    wait_for(
+        lambda: (flower.request(f"/api/task/info/{dead}")[1] or {}).get("rejected"),
+        30,
+        "Flower to see the dead letter",
+    )
+    assert drain_dlq("mcard.single_mint"), "the malformed request is in the DLQ"
     # Only the pages relabel: the API, the result and the outcome object are Celery's
     assert "'outcome': 'rejected'" in api_view["result"]
     assert app.AsyncResult(refused).get(timeout=10) == outcome
@@ -151,6 +161,7 @@ def test_an_operator_tells_a_rejection_from_a_success_in_the_browser(
         assert shown_state(page, minted) == "SUCCESS"
         assert shown_state(page, refused) == "REJECTED: already_minted"
         assert shown_state(page, f"burn-{tag}-4") == "REJECTED: not_holder"
+        assert shown_state(page, dead) == "FAILURE", "a dead letter: Celery's own red FAILURE"
 
         page.goto(f"{flower.base}/task/{refused}")
         assert page.locator("dd span.badge").first.inner_text() == "REJECTED: already_minted"
@@ -158,7 +169,7 @@ def test_an_operator_tells_a_rejection_from_a_success_in_the_browser(
         folder = screenshots_folder(tmp_path)
         page.goto(f"{flower.base}/tasks")
         page.get_by_role("searchbox").fill(tag)
-        wait_for(lambda: page.locator("#tasks-table tbody tr").count() == 5, 20, "five rows")
+        wait_for(lambda: page.locator("#tasks-table tbody tr").count() == 6, 20, "six rows")
         page.screenshot(path=str(folder / "flower-tasks.png"))
         page.goto(f"{flower.base}/workers")
         page.locator("#workers-table tbody tr").filter(has_text=worker.node).wait_for()

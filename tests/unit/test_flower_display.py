@@ -19,7 +19,6 @@ from celery.utils.saferepr import saferepr
 
 from mcard_tasks.config import Settings
 from mcard_tasks.flower_display import (
-    DEAD_LETTER_STATE,
     Outcome,
     ledger_lookup,
     outcome_in,
@@ -130,25 +129,10 @@ def test_an_unreachable_ledger_leaves_celerys_state_and_is_asked_again(ledger: L
     assert shown(format_task, cut) == "REJECTED: already_minted", "back: read again"
 
 
-def test_a_dead_letter_is_shown_dead_lettered_not_started_until_it_is_replayed() -> None:
-    task, now = Task(uuid="d1"), time.time()
-    task.event("received", now, now, {"name": SINGLE_MINT})
-    task.event("started", now + 0.1, now + 0.1, {})
-    task.event("rejected", now + 0.2, now + 0.2, {"requeue": False})
-    assert task.state == "STARTED", "Celery ranks REJECTED below STARTED"
-    assert shown(task_formatter(), task) == DEAD_LETTER_STATE
-    task.event("received", now + 5, now + 5, {})  # `dlq replay` republished it
-    assert shown(task_formatter(), task) == "STARTED", "Celery's state again: it is running"
-    task.event("started", now + 6, now + 6, {})
-    task.event(
-        "succeeded", now + 7, now + 7, {"result": "{'outcome': 'succeeded', 'reason': None}"}
-    )
-    assert shown(task_formatter(), task) == "SUCCESS"
-
-
 def test_other_states_are_kept() -> None:
     now = time.time()
-    for event, state in [("received", "RECEIVED"), ("started", "STARTED"), ("failed", "FAILURE")]:
+    cases = [("received", "RECEIVED"), ("started", "STARTED"), ("failed", "FAILURE")]
+    for event, state in [*cases, ("rejected", "REJECTED")]:
         task = Task(uuid=f"t-{event}")
         task.event(event, now, now, {"name": SINGLE_MINT})
         assert shown(task_formatter(), task) == state

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from mcard_tasks import app
-from mcard_tasks.tasks import single_burn, single_mint
+from mcard_tasks.tasks import mint, single_burn, single_mint
 from tests.fixtures import ROOT, Worker, drain_dlq, use_ledger, wait_for
 from tests.integration.test_flower import PASSWORD, USER, Flower, free_port
 
@@ -59,7 +59,9 @@ def chromium() -> Iterator[Any]:
 
 
 @pytest.fixture
-def flower(tmp_path: Path) -> Iterator[Flower]:
+def flower(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flower]:
+    """Flower on the worker's ledger: it reads outcomes Celery cut short from there."""
+    monkeypatch.setenv("MCARD_DATABASE_URL", sqlite_url)
     running = Flower(free_port(), tmp_path / "flower.log")
     try:
         yield running
@@ -123,6 +125,13 @@ def test_an_operator_tells_a_rejection_from_a_success_in_the_browser(
     single_mint.delay(card_id=other, owner="alice", request_id=f"order-{tag}-3").get(timeout=30)
     single_burn.delay(card_id=other, owner="bob", request_id=f"burn-{tag}-4").get(timeout=30)
     single_burn.delay(card_id=other, owner="alice", request_id=f"burn-{tag}-5").get(timeout=30)
+    # A batch whose card IDs fill the 1,024 characters of its result Flower keeps
+    batch = [f"{card}-of-a-batch-{i:02d}-" + "x" * 90 for i in range(12)] + [card]
+    cut = f"order-{tag}-6"
+    assert (
+        mint.delay(owner="bob", card_ids=batch, request_id=cut).get(timeout=30)["reason"]
+        == "already_minted"
+    )
     # Past the producer's checks: the worker rejects the message into the DLQ
     dead = f"bad-{tag}"
     app.send_task("mcard.single_mint", kwargs={"card_id": "no spaces", "owner": "o"}, task_id=dead)
@@ -132,7 +141,7 @@ def test_an_operator_tells_a_rejection_from_a_success_in_the_browser(
         return task if status == 200 and task.get("state") == "SUCCESS" else None
 
     api_view = wait_for(lambda: recorded_by_flower(refused), 30, "Flower to have the rejection")
-    for request_id in (minted, f"burn-{tag}-5"):
+    for request_id in (minted, f"burn-{tag}-5", cut):
         wait_for(lambda r=request_id: recorded_by_flower(r), 30, f"Flower to have {request_id}")
     wait_for(
         lambda: (flower.request(f"/api/task/info/{dead}")[1] or {}).get("rejected"),
@@ -142,6 +151,7 @@ def test_an_operator_tells_a_rejection_from_a_success_in_the_browser(
     assert drain_dlq("mcard.single_mint"), "the malformed request is in the DLQ"
     # Only the pages relabel: the API, the result and the outcome object are Celery's
     assert "'outcome': 'rejected'" in api_view["result"]
+    assert "'outcome'" not in flower.request(f"/api/task/info/{cut}")[1]["result"], "cut short"
     assert app.AsyncResult(refused).get(timeout=10) == outcome
 
     anonymous = chromium.new_context()
@@ -161,6 +171,7 @@ def test_an_operator_tells_a_rejection_from_a_success_in_the_browser(
         assert shown_state(page, minted) == "SUCCESS"
         assert shown_state(page, refused) == "REJECTED: already_minted"
         assert shown_state(page, f"burn-{tag}-4") == "REJECTED: not_holder"
+        assert shown_state(page, cut) == "REJECTED: already_minted", "read from the ledger"
         assert shown_state(page, dead) == "FAILURE", "a dead letter: Celery's own red FAILURE"
 
         page.goto(f"{flower.base}/task/{refused}")
@@ -168,7 +179,7 @@ def test_an_operator_tells_a_rejection_from_a_success_in_the_browser(
 
         folder = screenshots_folder(tmp_path)
         page.goto(f"{flower.base}/tasks")
-        page.get_by_role("searchbox").fill(tag)
+        page.get_by_role("searchbox").fill(f"{tag} AND name:mcard.single")
         wait_for(lambda: page.locator("#tasks-table tbody tr").count() == 6, 20, "six rows")
         page.screenshot(path=str(folder / "flower-tasks.png"))
         page.goto(f"{flower.base}/workers")

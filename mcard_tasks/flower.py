@@ -4,10 +4,11 @@ Flower takes its options from FLOWER_* variables (a command-line flag still wins
 sets them from the MCARD_* settings when it is imported, before Flower parses its options:
 basic auth from MCARD_FLOWER_USER / MCARD_FLOWER_PASSWORD (pages and API answer 401 without
 them), read-only (no revoke or terminate of a mint from the UI or the API), the task columns
-operators need, and, without credentials, 127.0.0.1. Once Flower has parsed its options
-(variables, config file, flags), the options it will really use are checked: without
-authentication it may only listen on a loopback address or a unix socket, and every basic
-auth entry must be a whole ``user:password``.
+operators need, a task formatter that shows a rejection as ``REJECTED: <reason>`` rather than
+SUCCESS (mcard_tasks.flower_display), and, without credentials, 127.0.0.1. Once Flower has
+parsed its options (variables, config file, flags), the options it will really use are
+checked: without authentication it may only listen on a loopback address or a unix socket,
+and every basic auth entry must be a whole ``user:password``.
 
 Flower opens its broker connections through the app (``capp.connection()``), so an amqps://
 MCARD_BROKER_URL gives it the same verified TLS as every other process (mcard_tasks.tls).
@@ -226,4 +227,8 @@ def configure_flower_if_running(settings: Settings) -> None:
         _refuse(exc)
     from flower.options import default_options
 
+    from mcard_tasks.flower_display import ledger_lookup, task_formatter
+
+    # A default: a format_task in Flower's config file still wins (it is parsed after this).
+    default_options.format_task = task_formatter(ledger_lookup(settings))
     default_options.add_parse_callback(_after_flower_parses(default_options))

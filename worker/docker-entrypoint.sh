@@ -20,7 +20,8 @@ case "$role" in
         ;;
     flower)
         # The app maps MCARD_FLOWER_USER/PASSWORD to Flower's basic auth (FLOWER_BASIC_AUTH,
-        # kept off the command line), makes Flower read-only, and refuses (exit 2) to serve
+        # kept off the command line), makes Flower read-only, shows a rejection as
+        # "REJECTED: <reason>" instead of SUCCESS (format_task), and refuses (exit 2) to serve
         # 0.0.0.0 without credentials or with unusable ones; see mcard_tasks/flower.py. The
         # broker URL comes from MCARD_BROKER_URL, never the command line.
         exec celery -A mcard_tasks flower --address=0.0.0.0 --port=5555 "$@"

@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     issuer: str = "ledger"
     issuer_latency_ms: float = Field(default=50.0, ge=0)
     issuer_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    #: The simulated issuer takes many requests per call (issue_many, destroy_many).
+    issuer_batch: bool = True
+    #: Batched execution in the worker (mcard_tasks.batches): requests of one kind that
+    #: arrive together, up to batch_size or within batch_wait_ms of the first, are applied
+    #: in one ledger transaction and acked together; false: one request at a time.
+    batch: bool = True
+    batch_size: int = Field(default=250, ge=1, le=1000)
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     events_poll_interval: float = Field(default=0.05, gt=0)
     #: The request outbox relay (mcard_tasks.relay): seconds between looks for committed
     #: requests (a short poll: see the README's latency note), requests per batch (each batch

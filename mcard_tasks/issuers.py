@@ -20,9 +20,11 @@ from mcard_tasks.config import Settings
 from mcard_tasks.errors import ConfigurationError, TransientError
 
 __all__ = [
+    "BatchIssuer",
     "Issuer",
     "IssuerUnavailableError",
     "LedgerIssuer",
+    "SimulatedBatchIssuer",
     "SimulatedIssuer",
     "build_issuer",
     "configured_issuer",
@@ -45,6 +47,23 @@ class Issuer(Protocol):
     ) -> None: ...
 
     def destroy(self, request_id: str, owner: str, card_id: str) -> None: ...
+
+
+#: issue_many's requests: (request ID, owner, card IDs, metadata) each.
+IssueRequests = list[tuple[str, str, list[str], dict[str, Any] | None]]
+#: destroy_many's requests: (request ID, owner, card ID) each.
+DestroyRequests = list[tuple[str, str, str]]
+
+
+class BatchIssuer(Issuer, Protocol):
+    """An issuer that also takes many requests in one call (optional: the worker's batches
+    use these methods when an issuer has them). Each request ID stays the idempotency key of
+    its own card(s); a call either does all of them or raises (TransientError: every request
+    of it is then asked again, one by one, with its own key)."""
+
+    def issue_many(self, requests: IssueRequests) -> None: ...
+
+    def destroy_many(self, requests: DestroyRequests) -> None: ...
 
 
 class LedgerIssuer:
@@ -84,6 +103,17 @@ class SimulatedIssuer:
         self._call("destroy", request_id)
 
 
+class SimulatedBatchIssuer(SimulatedIssuer):
+    """The simulated issuer in batch mode (MCARD_ISSUER_BATCH): one latency per call, however
+    many requests it carries, like a remote API with a bulk endpoint."""
+
+    def issue_many(self, requests: IssueRequests) -> None:
+        self._call("issue", f"{len(requests)} requests, first {requests[0][0]}")
+
+    def destroy_many(self, requests: DestroyRequests) -> None:
+        self._call("destroy", f"{len(requests)} requests, first {requests[0][0]}")
+
+
 @lru_cache(maxsize=4)
 def configured_issuer(settings: Settings) -> Issuer:
     """The issuer of this process for these settings, built once."""
@@ -95,7 +125,8 @@ def build_issuer(settings: Settings) -> Issuer:
     if settings.issuer == "ledger":
         return LedgerIssuer()
     if settings.issuer == "simulated":
-        return SimulatedIssuer(settings.issuer_latency_ms, settings.issuer_failure_rate)
+        kind = SimulatedBatchIssuer if settings.issuer_batch else SimulatedIssuer
+        return kind(settings.issuer_latency_ms, settings.issuer_failure_rate)
     module, _, name = settings.issuer.partition(":")
     try:
         issuer: Issuer = getattr(importlib.import_module(module), name)()

@@ -24,10 +24,13 @@ __all__ = [
     "MINT_ONE_EFFECT",
     "REJECTED",
     "SUCCEEDED",
+    "BatchEffect",
     "Rule",
     "Verdict",
     "burn_card",
+    "burn_each",
     "mint_cards",
+    "mint_each",
     "now",
 ]
 
@@ -51,6 +54,11 @@ class Verdict:
 #: ``rule(connection, request_id, payload, status)``: status is the card status to write
 #: (final, or pending while an external issuer works).
 Rule = Callable[[Connection, str, Any, str], Verdict]
+#: ``effect(connection, requests, status, at)``: the success path of many new requests of one
+#: kind, each touching one card no other of them touches, in a few multi-row statements;
+#: applies every effect it can and returns the request IDs it applied. The others are left
+#: untouched, for the kind's rule to decide one by one (a rejection names its reason there).
+BatchEffect = Callable[[Connection, list[tuple[str, Any]], str, datetime], set[str]]
 
 
 def now() -> datetime:
@@ -63,6 +71,7 @@ class _Statements:
     SQLAlchemy compiles each once and psycopg prepares it on the server."""
 
     mint: Any  # INSERT cards ... ON CONFLICT DO NOTHING RETURNING card_id
+    mint_each: Any  # the same, returning who minted each card (many rows at once)
     burn: Any  # UPDATE the card if active and held by the owner
     card_state: Any
 
@@ -73,6 +82,9 @@ class _Statements:
             mint=insert_(CARDS)
             .on_conflict_do_nothing(index_elements=["card_id"])
             .returning(CARDS.c.card_id),
+            mint_each=insert_(CARDS)
+            .on_conflict_do_nothing(index_elements=["card_id"])
+            .returning(CARDS.c.minted_by),
             burn=update(CARDS).where(
                 CARDS.c.card_id == bindparam("the_card"),
                 CARDS.c.status == "active",
@@ -149,6 +161,59 @@ def burn_card(
     if card.status in ("burned", "burning"):
         return Verdict("already_burned", f"card {payload.card_id!r} is already burned")
     return Verdict("not_holder", f"card {payload.card_id!r} is not held by that owner")
+
+
+def mint_each(
+    connection: Connection, requests: list[tuple[str, SingleMintRequest]], status: str, at: datetime
+) -> set[str]:
+    """Batch effect of single_mint: one multi-row INSERT of the cards not taken yet, in key
+    order (two batches sharing cards lock them in the same order)."""
+    rows = [
+        {
+            "card_id": payload.card_id,
+            "owner": payload.owner,
+            "metadata": payload.metadata,
+            "status": status,
+            "minted_by": request_id,
+            "minted_at": at,
+        }
+        for request_id, payload in sorted(requests, key=lambda item: item[1].card_id)
+    ]
+    return set(connection.execute(_statements(connection).mint_each, rows).scalars())
+
+
+def burn_each(
+    connection: Connection, requests: list[tuple[str, SingleBurnRequest]], status: str, at: datetime
+) -> set[str]:
+    """Batch effect of single_burn: the cards read (locked, in key order, on PostgreSQL) in one
+    query, then the burnable ones (active, held by the request's owner) updated together."""
+    wanted = {payload.card_id: (request_id, payload) for request_id, payload in requests}
+    query = (
+        select(CARDS.c.card_id, CARDS.c.status, CARDS.c.owner)
+        .where(CARDS.c.card_id.in_(sorted(wanted)))
+        .order_by(CARDS.c.card_id)
+        .with_for_update()
+    )
+    burnable = [
+        wanted[row.card_id]
+        for row in connection.execute(query)
+        if row.status == "active" and row.owner == wanted[row.card_id][1].owner
+    ]
+    if burnable:
+        connection.execute(
+            _statements(connection).burn,
+            [
+                {
+                    "the_card": payload.card_id,
+                    "the_owner": payload.owner,
+                    "status": status,
+                    "burned_by": request_id,
+                    "burned_at": at,
+                }
+                for request_id, payload in burnable
+            ],
+        )
+    return {request_id for request_id, _ in burnable}
 
 
 # The effects of the one-statement success path on PostgreSQL (see Ledger): SQL that applies

@@ -21,7 +21,16 @@ from mcard_tasks.payloads import (
     SingleMintRequest,
     validate_fields,
 )
-from mcard_tasks.rules import BURN_ONE_EFFECT, MINT_ONE_EFFECT, Rule, burn_card, mint_cards
+from mcard_tasks.rules import (
+    BURN_ONE_EFFECT,
+    MINT_ONE_EFFECT,
+    BatchEffect,
+    Rule,
+    burn_card,
+    burn_each,
+    mint_cards,
+    mint_each,
+)
 
 __all__ = [
     "PREFIX",
@@ -56,6 +65,11 @@ class TaskSpec:
     json_fields: payload fields bound as JSON in fast_effect.
     legacy_keys: more ``key`` values a legacy (seed-shaped) message of this kind may carry,
         beside the task name and its underscore form (mcard_tasks.legacy).
+    batch_effect: the success path of many new requests at once (mcard_tasks.rules.
+        BatchEffect), for the worker's batches (None: each request is applied on its own).
+    issue_batch, batch_method: how an external issuer is asked for many requests in one
+        call, and the issuer's method that call needs (an issuer without it is asked one
+        request at a time).
     """
 
     name: str
@@ -70,6 +84,17 @@ class TaskSpec:
     fast_effect: str | None = None
     json_fields: tuple[str, ...] = ()
     legacy_keys: tuple[str, ...] = ()
+    batch_effect: BatchEffect | None = None
+    issue_batch: Callable[[Any, list[tuple[str, Any]]], None] | None = None
+    batch_method: str = ""
+
+    def batches_with(self, issuer: Issuer) -> bool:
+        """Whether requests of this kind can be applied in batches with issuer."""
+        if self.batch_effect is None:
+            return False
+        if not issuer.external:
+            return True
+        return self.issue_batch is not None and callable(getattr(issuer, self.batch_method, None))
 
     @property
     def short_name(self) -> str:
@@ -157,6 +182,14 @@ def _destroy_card(issuer: Issuer, request_id: str, payload: SingleBurnRequest) -
     issuer.destroy(request_id, payload.owner, payload.card_id)
 
 
+def _issue_each(issuer: Any, requests: list[tuple[str, SingleMintRequest]]) -> None:
+    issuer.issue_many([(rid, p.owner, [p.card_id], p.metadata) for rid, p in requests])
+
+
+def _destroy_each(issuer: Any, requests: list[tuple[str, SingleBurnRequest]]) -> None:
+    issuer.destroy_many([(rid, p.owner, p.card_id) for rid, p in requests])
+
+
 #: What the two minting kinds share: the rule, the cards and the issuer call.
 _MINTING: dict[str, Any] = {
     "rule": mint_cards,
@@ -182,6 +215,9 @@ register(
         doc="Issue one card to owner.",
         fast_effect=MINT_ONE_EFFECT,
         json_fields=("metadata",),
+        batch_effect=mint_each,
+        issue_batch=_issue_each,
+        batch_method="issue_many",
         **_MINTING,
     )
 )
@@ -197,6 +233,9 @@ register(
         command="burn",
         doc="Destroy a card that owner holds.",
         fast_effect=BURN_ONE_EFFECT,
+        batch_effect=burn_each,
+        issue_batch=_destroy_each,
+        batch_method="destroy_many",
         # The seed's own word for it: its publishers enqueue burns under this key.
         legacy_keys=("mcard_burn",),
     )

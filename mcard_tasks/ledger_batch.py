@@ -1,0 +1,209 @@
+"""Many requests of one kind applied to the ledger together: the worker's batches.
+
+The success path only, in one transaction of a few multi-row statements: the effects (the
+spec's batch_effect), the claims of the request IDs carrying their outcomes, and their outcome
+events. Every request still claims its own ID with its own outcome and event, exactly as
+``Ledger.apply`` records it, so a replay later finds the same bytes. What this path does not
+decide is left out of its answer, untouched, for ``Ledger.apply`` one request at a time: a
+request ID recorded already (a replay, a conflict, a pending issuer call), a second request of
+the batch for the same ID or card, an effect that does not apply (a rejection, which names its
+reason there), and every request of a batch that failed as a whole (a lost race on a claim,
+an issuer's transient error, the database unavailable).
+
+With an external issuer that takes batches, the cards are reserved and the claims recorded
+as pending in one transaction, the issuer is asked once for all of them (each request ID its
+own idempotency key), and the outcomes are recorded in a second transaction: a crash in
+between leaves pending claims that ``Ledger.apply`` resolves by asking again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from mcard_tasks.issuers import Issuer, LedgerIssuer
+from mcard_tasks.ledger import (
+    OPERATIONS,
+    OUTBOX,
+    Ledger,
+    _outcome_json,
+    _statements,
+    _unavailable,
+    event_routing_key,
+)
+from mcard_tasks.payloads import Payload, fingerprint
+from mcard_tasks.rules import Verdict, now
+from mcard_tasks.specs import TaskSpec, spec_for
+
+__all__ = ["apply_batch"]
+
+logger = logging.getLogger(__name__)
+
+#: A batch that loses a race on a claim (another worker claimed one of its IDs meanwhile) is
+#: rolled back and tried again without the IDs now recorded; bounded.
+_ATTEMPTS = 3
+
+Requests = list[tuple[str, Payload]]
+
+
+def apply_batch(
+    ledger: Ledger, task: str, requests: Requests, issuer: Issuer | None = None
+) -> dict[str, str]:
+    """Apply the new requests among requests together; their outcome JSON by request ID.
+
+    Requests left out of the answer are untouched: apply each with ``Ledger.apply``.
+    Raises LedgerUnavailableError when the database cannot be reached, and the issuer's
+    TransientError as is (nothing of the batch is final then).
+    """
+    spec, issuer = spec_for(task), issuer or LedgerIssuer()
+    if not spec.batches_with(issuer):
+        return {}
+    distinct = _distinct(spec, requests)
+    for _ in range(_ATTEMPTS):
+        try:
+            if issuer.external:
+                return _apply_issued(ledger, spec, distinct, issuer)
+            return _apply_final(ledger, spec, distinct)
+        except IntegrityError:
+            continue  # a claim raced another worker's: its ID is recorded now, left out next
+    return {}
+
+
+def _distinct(spec: TaskSpec, requests: Requests) -> Requests:
+    """The first request of each request ID and card: a later one waits for the per-request
+    path (after this batch commits it is a replay, or finds its card taken)."""
+    ids: set[str] = set()
+    cards: set[str] = set()
+    chosen = []
+    for request_id, payload in requests:
+        touched = spec.cards(payload)
+        if request_id in ids or cards.intersection(touched):
+            continue
+        ids.add(request_id)
+        cards.update(touched)
+        chosen.append((request_id, payload))
+    return chosen
+
+
+@contextmanager
+def _transaction(ledger: Ledger) -> Iterator[Connection]:
+    with _unavailable(), ledger.engine.begin() as connection:
+        yield connection
+
+
+def _new(connection: Connection, requests: Requests) -> Requests:
+    """Those of requests whose ID the ledger has not recorded (one query)."""
+    query = select(OPERATIONS.c.request_id).where(
+        OPERATIONS.c.request_id.in_([request_id for request_id, _ in requests])
+    )
+    known = set(connection.execute(query).scalars())
+    return [(request_id, payload) for request_id, payload in requests if request_id not in known]
+
+
+def _effects(
+    connection: Connection, spec: TaskSpec, requests: Requests, status: str, at: datetime
+) -> Requests:
+    """The new requests whose effect the spec's batch effect applied (with card status)."""
+    fresh = _new(connection, requests)
+    if not fresh:
+        return []
+    assert spec.batch_effect is not None
+    applied = spec.batch_effect(connection, fresh, status, at)
+    return [(request_id, payload) for request_id, payload in fresh if request_id in applied]
+
+
+def _claims(spec: TaskSpec, requests: Requests, outcomes: dict[str, str], at: datetime) -> Any:
+    return [
+        {
+            "request_id": request_id,
+            "task": spec.name,
+            "fingerprint": fingerprint(spec.name, payload),
+            "status": "succeeded" if outcomes else "pending",
+            "outcome": outcomes.get(request_id, ""),
+            "recorded_at": at,
+        }
+        for request_id, payload in requests
+    ]
+
+
+def _events(connection: Connection, spec: TaskSpec, outcomes: dict[str, str], at: datetime) -> None:
+    routing_key = event_routing_key(spec.name, Verdict().status)
+    connection.execute(
+        insert(OUTBOX),
+        [
+            {"request_id": rid, "routing_key": routing_key, "body": body, "created_at": at}
+            for rid, body in outcomes.items()
+        ],
+    )
+
+
+def _succeeded(spec: TaskSpec, requests: Requests, at: datetime) -> dict[str, str]:
+    return {
+        request_id: _outcome_json(spec, request_id, payload, Verdict(), at)
+        for request_id, payload in requests
+    }
+
+
+def _apply_final(ledger: Ledger, spec: TaskSpec, requests: Requests) -> dict[str, str]:
+    """The ledger as issuer: effects, claims and events in one transaction."""
+    at = now()
+    with _transaction(ledger) as connection:
+        applied = _effects(connection, spec, requests, spec.final_status, at)
+        if not applied:
+            return {}
+        outcomes = _succeeded(spec, applied, at)
+        # A plain INSERT: an ID claimed meanwhile fails the batch (IntegrityError), rolled back.
+        connection.execute(insert(OPERATIONS), _claims(spec, applied, outcomes, at))
+        _events(connection, spec, outcomes, at)
+    return outcomes
+
+
+def _apply_issued(
+    ledger: Ledger, spec: TaskSpec, requests: Requests, issuer: Issuer
+) -> dict[str, str]:
+    """An external issuer that takes batches: reserve and claim as pending, ask it once, then
+    complete every request it did (unless another delivery completed one meanwhile)."""
+    at = now()
+    with _transaction(ledger) as connection:
+        reserved = _effects(connection, spec, requests, spec.pending_status, at)
+        if not reserved:
+            return {}
+        connection.execute(insert(OPERATIONS), _claims(spec, reserved, {}, at))
+    assert spec.issue_batch is not None
+    spec.issue_batch(issuer, reserved)
+    at = now()
+    outcomes = _succeeded(spec, reserved, at)
+    with _transaction(ledger) as connection:
+        statements = _statements(connection)
+        done = {
+            request_id: outcome
+            for request_id, outcome in outcomes.items()
+            if connection.execute(
+                statements.complete,
+                {
+                    "the_request": request_id,
+                    "status": "succeeded",
+                    "outcome": outcome,
+                    "recorded_at": at,
+                },
+            ).first()
+            is not None
+        }
+        cards = [
+            card
+            for request_id, payload in reserved
+            if request_id in done
+            for card in spec.cards(payload)
+        ]
+        if done:
+            connection.execute(
+                statements.finalize_cards, {"card_ids": cards, "status": spec.final_status}
+            )
+            _events(connection, spec, done, at)
+    return done

@@ -15,6 +15,8 @@
   failover resumes consuming at once.
 - A message over the size or ETA limits (MCARD_MAX_BODY_BYTES, MCARD_MAX_ETA_SECONDS) is
   dead-lettered before its body is decoded (mcard_tasks.limits).
+- With MCARD_BATCH (the default), requests of the kinds that have a batch path are applied
+  in batches (mcard_tasks.batches); every check above still applies to each message first.
 - Task events are published without confirms: they must never stall the main loop.
 - The whole topology is declared (or, with MCARD_DECLARE=false, checked) on every
   (re)connection, before anything consumes: Celery
@@ -33,10 +35,12 @@ from celery import signals
 from celery.app.trace import build_tracer
 from celery.worker.consumer import Consumer
 
+from mcard_tasks.batches import Batcher, batch_prefetch
 from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import dead_letter, source_queue
 from mcard_tasks.errors import InvalidLegacyMessageError
 from mcard_tasks.identity import ProducerPolicy, producer_policy
+from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.legacy import LegacyRequest, republish, translate
 from mcard_tasks.limits import guarded
 from mcard_tasks.specs import task_names
@@ -79,6 +83,28 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
     #: MCARD_PRODUCERS as the worker applies it (None: every producer), set with strategies.
     _policy: ProducerPolicy | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings = settings_of(self.app)
+        #: The worker's batches (None with MCARD_BATCH=false).
+        self.batcher = Batcher(self, settings) if settings.batch else None
+        given = int(kwargs.get("initial_prefetch_count") or 0)  # 0: prefetch unlimited
+        if self.batcher is not None and given:
+            self.initial_prefetch_count = max(given, batch_prefetch(settings))
+
+    @property
+    def max_prefetch_count(self) -> int:
+        """Celery's (pool size x multiplier), or two batches' worth if that is more."""
+        count = int(self.pool.num_processes * self.prefetch_multiplier)
+        if self.batcher is None:
+            return count
+        return max(count, batch_prefetch(settings_of(self.app)))
+
+    def on_close(self) -> None:
+        super().on_close()
+        if self.batcher is not None:
+            self.batcher.reset()
+
     def connect(self) -> Any:
         """The consuming connection, with the whole topology declared on it first."""
         connection = super().connect()
@@ -108,6 +134,10 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
                 continue
             self.strategies[name] = task.start_strategy(self.app, self)
             task.__trace__ = build_tracer(name, task, loader, self.hostname, app=self.app)
+            spec = getattr(task, "spec", None)
+            issuer = configured_issuer(settings_of(self.app))
+            if self.batcher is not None and spec is not None and spec.batches_with(issuer):
+                self.strategies[name] = self.batcher.strategy(task, self.strategies[name])
 
     def _producer_refusal(self, message: Any) -> str | None:
         """Why message's producer may not publish it (MCARD_PRODUCERS), or None: for the task

@@ -26,6 +26,7 @@ from bench.common import (
 )
 from bench.procfs import CpuMeter, rss_kib
 from bench.profiling import dump_stacks, profiled
+from bench.raw_drain import drain_raw_consumer
 from bench.worker_env import BARE_QUEUE, Environment, retry
 
 # --- drains ----------------------------------------------------------------------------------
@@ -109,6 +110,15 @@ def drain_bare(env: Environment, count: int, concurrency: int) -> Drain:
         cpu = meter.ms_per_task(count - done0)
         rss = rss_kib(worker.pid)
     return Drain("bare", count, done0, finished - ready, rss, cpu)
+
+
+def drain_raw(env: Environment, count: int) -> Drain:
+    """The raw limit (bench/raw_drain.py) on the same requests and queue."""
+    env.enqueue.mcard(count, unique("raw"))
+    seconds = drain_raw_consumer(
+        env.vhost, env.ledger.database_url, count, env.drain_timeout(count)
+    )
+    return Drain("raw", count, 0, seconds)
 
 
 def _wait_bare_drained(env: Environment, worker: WorkerProcess, count: int) -> None:

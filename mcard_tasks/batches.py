@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from celery.app.trace import LOG_RECEIVED, LOG_SUCCESS
 from celery.exceptions import InvalidTaskError
 from celery.utils.saferepr import saferepr
 from kombu.exceptions import ContentDisallowed, DecodeError
@@ -50,6 +51,9 @@ from mcard_tasks.payloads import Payload, check_request_id
 __all__ = ["Batcher", "batch_prefetch", "run_batch"]
 
 logger = logging.getLogger(__name__)
+#: Celery's loggers of its per-task lines, which batched requests log too (MCARD_LOG_TASKS).
+_received_lines = logging.getLogger("celery.worker.strategy")
+_success_lines = logging.getLogger("celery.app.trace")
 
 #: Headers that take a message off the batch path (Celery's strategy handles them).
 _OWN_PATH_HEADERS = ("eta", "expires", "retries", "group", LEGACY_HEADER)
@@ -215,15 +219,18 @@ class Batcher:
             return  # the connection was lost since: these messages are being redelivered
         runtime = time.monotonic() - batch.started
         errors = self.consumer.connection_errors
+        lines = _success_lines.isEnabledFor(logging.INFO)
         for item in batch.items:
             outcome = decided.get(item.request_id)
             if outcome is None:
                 self._fall_back(batch.task, item)
                 continue
             item.handler_args[2](logger, errors)  # ack
-            self._send_event(
-                "task-succeeded", item, result=saferepr(json.loads(outcome)), runtime=runtime
-            )
+            result = saferepr(json.loads(outcome))
+            self._send_event("task-succeeded", item, result=result, runtime=runtime)
+            if lines:
+                fields = {"name": batch.task, "id": item.request_id, "runtime": runtime}
+                _success_lines.info(LOG_SUCCESS, fields | {"return_value": result})
 
     def _fall_back(self, task: str, item: _Item) -> None:
         """Celery's strategy for one request, with the consumer's handling of its errors."""
@@ -239,6 +246,8 @@ class Batcher:
 
     def _received(self, task: Any, item: _Item) -> None:
         headers = item.message.headers
+        if _received_lines.isEnabledFor(logging.INFO):
+            _received_lines.info(LOG_RECEIVED, {"name": task.name, "id": item.request_id})
         self._send_event(
             "task-received",
             item,

@@ -182,8 +182,9 @@ def test_a_worker_killed_outright_mid_stream_loses_and_doubles_nothing(
 ) -> None:
     use_ledger(postgresql_url)
     ledger = get_ledger(postgresql_url)
-    # Enqueued before the worker starts: it drains faster than one producer enqueues.
-    sent = send_mints(1000)
+    # Enqueued before the worker starts: it drains faster than one producer enqueues. Enough
+    # that a worker applying them in batches is still mid-stream when it is killed.
+    sent = send_mints(4000)
     ids = list(sent)
     first = make_worker(postgresql_url, f"killmain-{pool}", pool=pool).start()
     wait_for(lambda: recorded(ledger, ids) >= 50, 60, "the stream to start")

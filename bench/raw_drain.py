@@ -41,9 +41,10 @@ def _apply(db: Any, messages: list[Any]) -> None:
     cards, operations, events = [], [], []
     for message in messages:
         request_id = message.headers["id"]
-        fields = json.loads(message.body)[1]
+        body = message.body if isinstance(message.body, bytes) else message.body.encode()
+        fields = json.loads(body)[1]
         outcome = json.dumps({"request_id": request_id, "outcome": "succeeded", **fields})
-        digest = hashlib.sha256(message.body).hexdigest()
+        digest = hashlib.sha256(body).hexdigest()
         cards.append((fields["card_id"], fields["owner"], request_id, at))
         operations.append((request_id, digest, outcome, at))
         events.append((request_id, outcome, at))

@@ -13,7 +13,9 @@ kinds whose spec has a batch effect (single_mint, single_burn), the consumer's s
   MCARD_BATCH_WAIT_MS have passed since the first (low load waits that long at most, never
   for a full batch), then go to the pool as one call (:func:`run_batch`, in a thread or a
   child) that applies them to the ledger in one transaction (mcard_tasks.ledger_batch);
-- back in the consumer, each request the batch committed is acked and gets Flower's
+- back in the consumer, the requests the batch committed are acked together (one
+  ``basic.ack`` with ``multiple`` for as far as every earlier delivery of the channel is
+  settled: on a quorum queue each ack frame is a consensus command) and each gets Flower's
   task-started and task-succeeded events (task-received was sent when it arrived) under its
   own request ID; its result is the ledger's outcome, read by ``AsyncResult(R)`` as before.
   Every request the batch did not decide (a replay, a conflict, a rejection, a duplicate, a
@@ -30,6 +32,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -98,6 +101,56 @@ class _Batch:
 Strategy = Callable[..., Any]
 
 
+class Deliveries:
+    """Every delivery of the consumer's channel in arrival order (delivery tags grow), so that
+    committed requests are acked with one multiple-ack.
+
+    A multiple-ack settles every unsettled delivery up to its tag, so it may only cover
+    messages of committed batches and messages whose own ack, reject or requeue frame was
+    sent already (kombu's ``acknowledged``); it stops at the first delivery still in work (a
+    request on Celery's path, one waiting in a buffer). Committed requests behind it are acked
+    one by one.
+    """
+
+    def __init__(self, bound: int) -> None:
+        self._order: deque[Any] = deque()
+        self._ready: set[int] = set()
+        self._bound = bound
+
+    def track(self, message: Any) -> None:
+        self._order.append(message)
+        if len(self._order) > self._bound:  # settled ones behind a long-held delivery
+            self._order = deque(m for m in self._order if not m.acknowledged)
+
+    def ack(self, messages: list[Any]) -> None:
+        """Ack messages (committed): together as far as possible, the rest one by one."""
+        ready = self._ready
+        ready.update(id(message) for message in messages)
+        covered: list[Any] = []
+        order = self._order
+        while order:
+            head = order[0]
+            if id(head) in ready:
+                ready.discard(id(head))
+                covered.append(order.popleft())
+            elif head.acknowledged:
+                order.popleft()
+            else:
+                break
+        if covered:
+            covered[-1].ack(multiple=True)
+            for message in covered:
+                message._state = "ACK"  # settled by that one frame
+        for message in messages:
+            if id(message) in ready:
+                ready.discard(id(message))
+                message.ack()
+
+    def clear(self) -> None:
+        self._order.clear()
+        self._ready.clear()
+
+
 class Batcher:
     """The batches of one consumer: a buffer per task kind, flushed by size or by time."""
 
@@ -109,6 +162,7 @@ class Batcher:
         self._buffers: dict[str, list[_Item]] = {}
         self._timers: dict[str, Any] = {}
         self._fallbacks: dict[str, Strategy] = {}
+        self.deliveries = Deliveries(4 * batch_prefetch(settings))
         #: Counts connections: a batch of an older one is not acked (its messages come back).
         self._generation = 0
         # Pools without an event loop run the consumer's timer in a thread of its own.
@@ -181,6 +235,7 @@ class Batcher:
         if timer is not None:
             timer.cancel()
         batch = _Batch(task, items, self._generation)
+        logger.debug("a batch of %d %s", len(items), task)
         for item in items:
             self._send_event("task-started", item)
         requests = [(item.request_id, item.payload) for item in items]
@@ -218,19 +273,27 @@ class Batcher:
         if batch.generation != self._generation:
             return  # the connection was lost since: these messages are being redelivered
         runtime = time.monotonic() - batch.started
-        errors = self.consumer.connection_errors
+        committed = [item for item in batch.items if item.request_id in decided]
+        self._ack(committed)
         lines = _success_lines.isEnabledFor(logging.INFO)
         for item in batch.items:
             outcome = decided.get(item.request_id)
             if outcome is None:
                 self._fall_back(batch.task, item)
                 continue
-            item.handler_args[2](logger, errors)  # ack
             result = saferepr(json.loads(outcome))
             self._send_event("task-succeeded", item, result=result, runtime=runtime)
             if lines:
                 fields = {"name": batch.task, "id": item.request_id, "runtime": runtime}
                 _success_lines.info(LOG_SUCCESS, fields | {"return_value": result})
+
+    def _ack(self, items: list[_Item]) -> None:
+        consumer = self.consumer
+        try:
+            self.deliveries.ack([item.message for item in items])
+        except (*consumer.connection_errors, *consumer.channel_errors) as exc:
+            # The connection is going: these messages come back (their outcomes are stored).
+            logger.warning("acks of a batch of %d failed: %r", len(items), exc)
 
     def _fall_back(self, task: str, item: _Item) -> None:
         """Celery's strategy for one request, with the consumer's handling of its errors."""
@@ -277,3 +340,4 @@ class Batcher:
             for timer in self._timers.values():
                 timer.cancel()
             self._timers.clear()
+            self.deliveries.clear()

@@ -159,7 +159,11 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         whatever else is wrong with it, so its dead letter is never replayed."""
         handler = guarded(self, super().create_task_handler(*args, **kwargs))
 
+        batcher = self.batcher
+
         def on_task_received(message: Any) -> Any:
+            if batcher is not None:
+                batcher.deliveries.track(message)  # for the batches' multiple-acks
             refusal = self._producer_refusal(message)
             if refusal is None:
                 return handler(message)

@@ -69,6 +69,15 @@ class LedgerProbe:
         row = self.db.execute("SELECT count(*) FROM operations WHERE status <> 'pending'")
         return int(row.fetchone()[0])  # type: ignore[index]
 
+    def commit_span(self, tag: str) -> float:
+        """Seconds from the first to the last recorded outcome of the requests of tag."""
+        row = self.db.execute(
+            "SELECT extract(epoch FROM max(recorded_at) - min(recorded_at)) FROM operations"
+            " WHERE request_id LIKE %s AND status <> 'pending'",
+            (f"{tag}-r%",),
+        ).fetchone()
+        return float(row[0] or 0.0)  # type: ignore[index]
+
     def close(self) -> None:
         with suppress(Exception):
             self.db.close()

@@ -9,10 +9,11 @@ kinds whose spec has a batch effect (single_mint, single_burn), the consumer's s
   came first, unchanged): a protocol 2 JSON task message with no ETA, expiry, retries,
   callbacks, positional arguments or legacy key, a valid request ID and valid fields. Any
   other message goes to Celery's own strategy at once, exactly as without batches;
-- the checked requests of a kind wait in a buffer until it holds MCARD_BATCH_SIZE of them or
-  MCARD_BATCH_WAIT_MS have passed since the first (low load waits that long at most, never
-  for a full batch), then go to the pool as one call (:func:`run_batch`, in a thread or a
-  child) that applies them to the ledger in one transaction (mcard_tasks.ledger_batch);
+- the checked requests of a kind go to the pool at once while no batch of that kind is
+  running (low load never waits); while one is, they gather in a buffer until it holds
+  MCARD_BATCH_SIZE of them, that batch ends, or MCARD_BATCH_WAIT_MS have passed since the
+  first of them (a group commit), then go to the pool as one call (:func:`run_batch`, in a
+  thread or a child) that applies them to the ledger in one transaction (mcard_tasks.ledger_batch);
 - back in the consumer, the requests the batch committed are acked together (one
   ``basic.ack`` with ``multiple`` for as far as every earlier delivery of the channel is
   settled: on a quorum queue each ack frame is a consensus command) and each gets Flower's
@@ -162,6 +163,8 @@ class Batcher:
         self._buffers: dict[str, list[_Item]] = {}
         self._timers: dict[str, Any] = {}
         self._fallbacks: dict[str, Strategy] = {}
+        #: Batches of each kind in the pool now.
+        self._running: dict[str, int] = {}
         self.deliveries = Deliveries(4 * batch_prefetch(settings))
         #: Counts connections: a batch of an older one is not acked (its messages come back).
         self._generation = 0
@@ -214,7 +217,7 @@ class Batcher:
         with self._lock:
             buffer = self._buffers.setdefault(task, [])
             buffer.append(item)
-            if len(buffer) >= self.size or self.wait <= 0:
+            if len(buffer) >= self.size or self.wait <= 0 or not self._running.get(task):
                 self._flush(task)
             elif len(buffer) == 1:
                 self._timers[task] = self.consumer.timer.call_after(
@@ -235,6 +238,7 @@ class Batcher:
         if timer is not None:
             timer.cancel()
         batch = _Batch(task, items, self._generation)
+        self._running[task] = self._running.get(task, 0) + 1
         logger.debug("a batch of %d %s", len(items), task)
         for item in items:
             self._send_event("task-started", item)
@@ -269,9 +273,14 @@ class Batcher:
             hub.call_soon(call)
 
     def _finish(self, batch: _Batch, decided: dict[str, str]) -> None:
-        """Ack each committed request with its events; the rest to Celery's strategy."""
+        """Ack each committed request with its events; the rest to Celery's strategy; then
+        start what gathered meanwhile."""
         if batch.generation != self._generation:
             return  # the connection was lost since: these messages are being redelivered
+        with self._lock:
+            self._running[batch.task] -= 1
+            if self._buffers.get(batch.task) and not self._running[batch.task]:
+                self._flush(batch.task)
         runtime = time.monotonic() - batch.started
         committed = [item for item in batch.items if item.request_id in decided]
         self._ack(committed)
@@ -340,4 +349,5 @@ class Batcher:
             for timer in self._timers.values():
                 timer.cancel()
             self._timers.clear()
+            self._running.clear()
             self.deliveries.clear()

@@ -66,8 +66,9 @@ class Settings(BaseSettings):
     #: The simulated issuer takes many requests per call (issue_many, destroy_many).
     issuer_batch: bool = True
     #: Batched execution in the worker (mcard_tasks.batches): requests of one kind that
-    #: arrive together, up to batch_size or within batch_wait_ms of the first, are applied
-    #: in one ledger transaction and acked together; false: one request at a time.
+    #: arrive while a batch of theirs runs gather, up to batch_size or for at most
+    #: batch_wait_ms, and are applied in one ledger transaction and acked together (with no
+    #: batch running a request starts at once); false: one request at a time.
     batch: bool = True
     batch_size: int = Field(default=250, ge=1, le=1000)
     batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)

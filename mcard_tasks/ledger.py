@@ -82,6 +82,7 @@ class _Statements:
     claim: Any  # INSERT operations ... ON CONFLICT DO NOTHING RETURNING request_id
     event: Any  # INSERT outbox
     complete: Any  # the pending operation's final outcome, if it is still pending
+    complete_each: Any  # the same for many (executemany: no RETURNING; mcard_tasks.ledger_batch)
     finalize_cards: Any  # the reserved cards' final status
     save_state: Any  # upsert of a task state
     count_legacy: Any  # upsert adding one executed legacy message of a task and key
@@ -102,6 +103,10 @@ class _Statements:
                 OPERATIONS.c.status == "pending",
             )
             .returning(OPERATIONS.c.request_id),
+            complete_each=update(OPERATIONS).where(
+                OPERATIONS.c.request_id == bindparam("the_request"),
+                OPERATIONS.c.status == "pending",
+            ),
             finalize_cards=update(Card).where(
                 Card.card_id.in_(bindparam("card_ids", expanding=True))
             ),

@@ -18,13 +18,15 @@ between leaves pending claims that ``Ledger.apply`` resolves by asking again.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, TextClause, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from mcard_tasks.issuers import Issuer, LedgerIssuer
@@ -150,8 +152,84 @@ def _succeeded(spec: TaskSpec, requests: Requests, at: datetime) -> dict[str, st
     }
 
 
+# PostgreSQL, the ledger as issuer: a whole batch's success in ONE statement in autocommit
+# (atomic on its own), like Ledger.apply's one-statement path: the batch's requests as
+# arrays, those whose ID is not recorded, the spec's effect, the claims carrying the outcomes
+# of the requests it applied, and their events. A request ID claimed meanwhile by another
+# worker fails it on the operations key: nothing is committed, and the statements below
+# decide instead.
+_RECORD_BATCH = """
+    WITH input AS (
+        SELECT {columns} FROM unnest({arrays}) AS t({names})
+        WHERE NOT EXISTS (SELECT 1 FROM operations o WHERE o.request_id = t.request_id)
+    ),
+    effect AS ({effect}),
+    claim AS (
+        INSERT INTO operations (request_id, task, fingerprint, status, outcome, recorded_at)
+        SELECT input.request_id, :task, input.fingerprint, 'succeeded', input.outcome,
+               :recorded_at
+        FROM input JOIN effect ON effect.request_id = input.request_id
+        RETURNING request_id, outcome
+    )
+    INSERT INTO outbox (request_id, routing_key, body, created_at)
+    SELECT request_id, :routing_key, outcome, :recorded_at FROM claim
+    RETURNING request_id
+"""
+
+
+def _fields(spec: TaskSpec) -> list[str]:
+    return ["request_id", "fingerprint", "outcome", *spec.payload.model_fields]
+
+
+@functools.cache
+def _fast_batch(spec: TaskSpec) -> TextClause:
+    names = _fields(spec)
+    return text(
+        _RECORD_BATCH.format(
+            columns=", ".join(
+                f"CAST(t.{name} AS json) AS {name}" if name in spec.json_fields else f"t.{name}"
+                for name in names
+            ),
+            arrays=", ".join(f"CAST(:{name} AS text[])" for name in names),
+            names=", ".join(names),
+            effect=spec.fast_batch_effect,
+        )
+    )
+
+
+def _record_batch(ledger: Ledger, spec: TaskSpec, requests: Requests) -> dict[str, str]:
+    at = now()
+    outcomes = _succeeded(spec, requests, at)
+    columns: dict[str, list[Any]] = {name: [] for name in _fields(spec)}
+    for request_id, payload in requests:
+        values = payload.model_dump(mode="json")
+        for name in spec.json_fields:
+            values[name] = json.dumps(values[name])
+        values |= {
+            "request_id": request_id,
+            "fingerprint": fingerprint(spec.name, payload),
+            "outcome": outcomes[request_id],
+        }
+        for name, column in columns.items():
+            column.append(values[name])
+    parameters = columns | {
+        "task": spec.name,
+        "recorded_at": at,
+        "routing_key": event_routing_key(spec.name, Verdict().status),
+    }
+    assert ledger._autocommit is not None
+    with _unavailable(), ledger._autocommit.connect() as connection:
+        done = set(connection.execute(_fast_batch(spec), parameters).scalars())
+    return {request_id: outcomes[request_id] for request_id in done}
+
+
 def _apply_final(ledger: Ledger, spec: TaskSpec, requests: Requests) -> dict[str, str]:
     """The ledger as issuer: effects, claims and events in one transaction."""
+    if ledger._autocommit is not None and spec.fast_batch_effect:
+        try:
+            return _record_batch(ledger, spec, requests)
+        except IntegrityError:
+            pass  # a claim raced another worker's: nothing committed; decided below
     at = now()
     with _transaction(ledger) as connection:
         applied = _effects(connection, spec, requests, spec.final_status, at)
@@ -180,30 +258,26 @@ def _apply_issued(
     at = now()
     outcomes = _succeeded(spec, reserved, at)
     with _transaction(ledger) as connection:
+        # Those still pending (locked on PostgreSQL; SQLite's write lock is held already):
+        # another delivery of a request may have completed it meanwhile.
+        pending = select(OPERATIONS.c.request_id).where(
+            OPERATIONS.c.request_id.in_(list(outcomes)), OPERATIONS.c.status == "pending"
+        )
+        still = set(connection.execute(pending.with_for_update()).scalars())
+        done = {rid: outcome for rid, outcome in outcomes.items() if rid in still}
+        if not done:
+            return {}
         statements = _statements(connection)
-        done = {
-            request_id: outcome
-            for request_id, outcome in outcomes.items()
-            if connection.execute(
-                statements.complete,
-                {
-                    "the_request": request_id,
-                    "status": "succeeded",
-                    "outcome": outcome,
-                    "recorded_at": at,
-                },
-            ).first()
-            is not None
-        }
-        cards = [
-            card
-            for request_id, payload in reserved
-            if request_id in done
-            for card in spec.cards(payload)
-        ]
-        if done:
-            connection.execute(
-                statements.finalize_cards, {"card_ids": cards, "status": spec.final_status}
-            )
-            _events(connection, spec, done, at)
+        connection.execute(
+            statements.complete_each,
+            [
+                {"the_request": rid, "status": "succeeded", "outcome": body, "recorded_at": at}
+                for rid, body in done.items()
+            ],
+        )
+        cards = [card for rid, payload in reserved if rid in done for card in spec.cards(payload)]
+        connection.execute(
+            statements.finalize_cards, {"card_ids": cards, "status": spec.final_status}
+        )
+        _events(connection, spec, done, at)
     return done

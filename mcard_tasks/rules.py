@@ -20,7 +20,9 @@ from mcard_tasks.models import Card
 from mcard_tasks.payloads import MintRequest, SingleBurnRequest, SingleMintRequest
 
 __all__ = [
+    "BURN_EACH_EFFECT",
     "BURN_ONE_EFFECT",
+    "MINT_EACH_EFFECT",
     "MINT_ONE_EFFECT",
     "REJECTED",
     "SUCCEEDED",
@@ -228,3 +230,20 @@ BURN_ONE_EFFECT = """
     UPDATE cards SET status = 'burned', burned_by = :request_id, burned_at = :recorded_at
     WHERE card_id = :card_id AND status = 'active' AND owner = :owner
     RETURNING card_id"""
+
+# The same effects for a whole batch (PostgreSQL, mcard_tasks.ledger_batch): SQL over the
+# batch's new requests, a CTE named input (request_id and the payload's fields, one row per
+# request, each card in one row at most), applying every effect it can and returning the
+# request_id of each it applied. Parameter: :recorded_at.
+MINT_EACH_EFFECT = """
+    INSERT INTO cards (card_id, owner, metadata, status, minted_by, minted_at)
+    SELECT card_id, owner, metadata, 'active', request_id, :recorded_at
+    FROM input ORDER BY card_id
+    ON CONFLICT (card_id) DO NOTHING
+    RETURNING minted_by AS request_id"""
+BURN_EACH_EFFECT = """
+    UPDATE cards SET status = 'burned', burned_by = input.request_id, burned_at = :recorded_at
+    FROM input
+    WHERE cards.card_id = input.card_id AND cards.status = 'active'
+      AND cards.owner = input.owner
+    RETURNING input.request_id"""

@@ -22,7 +22,9 @@ from mcard_tasks.payloads import (
     validate_fields,
 )
 from mcard_tasks.rules import (
+    BURN_EACH_EFFECT,
     BURN_ONE_EFFECT,
+    MINT_EACH_EFFECT,
     MINT_ONE_EFFECT,
     BatchEffect,
     Rule,
@@ -67,6 +69,8 @@ class TaskSpec:
         beside the task name and its underscore form (mcard_tasks.legacy).
     batch_effect: the success path of many new requests at once (mcard_tasks.rules.
         BatchEffect), for the worker's batches (None: each request is applied on its own).
+    fast_batch_effect: PostgreSQL SQL applying batch_effect's success in the batch's one
+        statement (mcard_tasks.rules.MINT_EACH_EFFECT; None: batch_effect's statements).
     issue_batch, batch_method: how an external issuer is asked for many requests in one
         call, and the issuer's method that call needs (an issuer without it is asked one
         request at a time).
@@ -85,6 +89,7 @@ class TaskSpec:
     json_fields: tuple[str, ...] = ()
     legacy_keys: tuple[str, ...] = ()
     batch_effect: BatchEffect | None = None
+    fast_batch_effect: str | None = None
     issue_batch: Callable[[Any, list[tuple[str, Any]]], None] | None = None
     batch_method: str = ""
 
@@ -216,6 +221,7 @@ register(
         fast_effect=MINT_ONE_EFFECT,
         json_fields=("metadata",),
         batch_effect=mint_each,
+        fast_batch_effect=MINT_EACH_EFFECT,
         issue_batch=_issue_each,
         batch_method="issue_many",
         **_MINTING,
@@ -234,6 +240,7 @@ register(
         doc="Destroy a card that owner holds.",
         fast_effect=BURN_ONE_EFFECT,
         batch_effect=burn_each,
+        fast_batch_effect=BURN_EACH_EFFECT,
         issue_batch=_destroy_each,
         batch_method="destroy_many",
         # The seed's own word for it: its publishers enqueue burns under this key.

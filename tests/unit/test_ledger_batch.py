@@ -23,8 +23,8 @@ def ledger(fresh_ledger: Ledger) -> Ledger:
     return fresh_ledger
 
 
-def mint(card: str, owner: str = "alice") -> Payload:
-    return validate_payload(SINGLE_MINT, {"card_id": card, "owner": owner})
+def mint(card: str, owner: str = "alice", metadata: object = None) -> Payload:
+    return validate_payload(SINGLE_MINT, {"card_id": card, "owner": owner, "metadata": metadata})
 
 
 def burn(card: str, owner: str = "alice") -> Payload:
@@ -41,7 +41,7 @@ def events(ledger: Ledger) -> dict[str, str]:
 def test_a_batch_of_new_mints_records_each_request_with_its_own_outcome_and_event(
     ledger: Ledger,
 ) -> None:
-    requests = [(f"r{i}", mint(f"c{i}")) for i in range(50)]
+    requests = [(f"r{i}", mint(f"c{i}", metadata={"n": i} if i % 2 else None)) for i in range(50)]
     outcomes = apply_batch(ledger, SINGLE_MINT, requests)
     assert set(outcomes) == {request_id for request_id, _ in requests}
     recorded = events(ledger)
@@ -53,6 +53,7 @@ def test_a_batch_of_new_mints_records_each_request_with_its_own_outcome_and_even
         assert recorded[request_id] == outcomes[request_id]
         card = ledger.card(payload.card_id)
         assert card is not None and card.minted_by == request_id and card.status == "active"
+        assert card.card_metadata == payload.metadata  # type: ignore[attr-defined]
 
 
 def test_what_a_batch_cannot_decide_is_left_untouched_for_the_per_request_path(

@@ -12,8 +12,9 @@ kinds whose spec has a batch effect (single_mint, single_burn), the consumer's s
 - the checked requests of a kind go to the pool at once while no batch of that kind is
   running (low load never waits); while one is, they gather in a buffer until it holds
   MCARD_BATCH_SIZE of them, that batch ends, or MCARD_BATCH_WAIT_MS have passed since the
-  first of them (a group commit), then go to the pool as one call (:func:`run_batch`, in a
-  thread or a child) that applies them to the ledger in one transaction (mcard_tasks.ledger_batch);
+  first of them with fewer than two batches running (a group commit), then go to the pool
+  as one call (:func:`run_batch`, in a thread or a child) that applies them to the ledger
+  in one transaction (mcard_tasks.ledger_batch);
 - back in the consumer, the requests the batch committed are acked together (one
   ``basic.ack`` with ``multiple`` for as far as every earlier delivery of the channel is
   settled: on a quorum queue each ack frame is a consensus command) and each gets Flower's
@@ -64,10 +65,15 @@ _OWN_PATH_HEADERS = ("eta", "expires", "retries", "group", LEGACY_HEADER)
 _EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 
+#: Batches of one kind in the pool at once, at most (one more starts only when a batch
+#: ends): a slow issuer then gets a few full batches rather than many small ones.
+_RUNNING = 2
+
+
 def batch_prefetch(settings: Settings) -> int:
-    """Messages a worker reserves with batches on: two batches' worth, so one fills while
-    the other commits (late acks: a batch can never be larger than the prefetch)."""
-    return 2 * settings.batch_size
+    """Messages a worker reserves with batches on: a full batch for each that may run (late
+    acks: what runs and what gathers can never be more than the prefetch)."""
+    return _RUNNING * settings.batch_size
 
 
 def run_batch(settings: Settings, task: str, requests: list[tuple[str, Payload]]) -> Any:
@@ -225,9 +231,11 @@ class Batcher:
                 )
 
     def _flush_due(self, task: str) -> None:
+        """MCARD_BATCH_WAIT_MS are over: start the batch, unless as many as may run are
+        running (the first of them to end starts it)."""
         with self._lock:
             self._timers.pop(task, None)
-            if self._buffers.get(task):
+            if self._buffers.get(task) and self._running.get(task, 0) < _RUNNING:
                 self._flush(task)
 
     # --- execution -------------------------------------------------------------------------
@@ -279,8 +287,9 @@ class Batcher:
             return  # the connection was lost since: these messages are being redelivered
         with self._lock:
             self._running[batch.task] -= 1
-            if self._buffers.get(batch.task) and not self._running[batch.task]:
-                self._flush(batch.task)
+            idle = not self._running[batch.task]
+            if self._buffers.get(batch.task) and (idle or batch.task not in self._timers):
+                self._flush(batch.task)  # none runs, or its wait is over and one just ended
         runtime = time.monotonic() - batch.started
         committed = [item for item in batch.items if item.request_id in decided]
         self._ack(committed)

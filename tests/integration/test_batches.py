@@ -18,7 +18,16 @@ from sqlalchemy import func, select
 from mcard_tasks import app
 from mcard_tasks.ledger import OUTBOX, get_ledger
 from mcard_tasks.tasks import single_burn, single_mint
-from tests.fixtures import Subscriber, Worker, drain_dlq, recorded, use_ledger, wait_for
+from tests.conftest import VHOST
+from tests.fixtures import (
+    Subscriber,
+    Worker,
+    drain_dlq,
+    rabbitmqctl,
+    recorded,
+    use_ledger,
+    wait_for,
+)
 from tests.integration.test_faults import (
     assert_each_minted_exactly_once,
     celery_body,
@@ -66,6 +75,18 @@ def task_events() -> Iterator[TaskEvents]:
     events.delete()
 
 
+def settled(worker: Worker, queue: str = "mcard.single_mint") -> bool:
+    """Nothing left in queue, ready or unacked, and the worker's channel never closed on a
+    wrong ack (a multiple-ack over a delivery acked already would: unknown delivery tag)."""
+    log = worker.log.read_text(errors="replace")
+    assert "unknown delivery tag" not in log and "PRECONDITION_FAILED" not in log, log[-3000:]
+    listed = rabbitmqctl(
+        "list_queues", "-q", "-p", VHOST, "name", "messages_ready", "messages_unacknowledged"
+    )
+    rows = {line.split()[0]: line.split()[1:] for line in listed.splitlines() if line.strip()}
+    return rows.get(queue) == ["0", "0"]
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(f"{request.param}_url"))
@@ -99,6 +120,7 @@ def test_a_burst_is_applied_in_batches_and_each_request_keeps_its_outcome_events
         30,
         "Flower's three events of every request",
     )
+    wait_for(lambda: settled(worker), 30, "every message acked")
     assert worker.stop() == 0
 
 
@@ -142,6 +164,8 @@ def test_bad_requests_inside_a_batch_get_their_own_outcome_or_dead_letter_and_th
     assert any("undecodable" in reason for reason in reasons), reasons
     burn = ledger.outcome(f"burn-{run}")
     assert burn is not None and burn["outcome"] == "succeeded"
+    for queue in ("mcard.single_mint", "mcard.single_burn"):
+        wait_for(lambda q=queue: settled(worker, q), 30, f"every message of {queue} acked")
     assert worker.stop() == 0
 
 

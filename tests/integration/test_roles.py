@@ -187,6 +187,23 @@ def publish(realm: Realm, role: str, message: Any, **changes: Any) -> None:
         )
 
 
+def oversized(message: Any) -> Any:
+    """message with a body over MCARD_MAX_BODY_BYTES (262,144): 300,009 bytes."""
+    return message._replace(body=b"[[], {" + b" " * 300_000 + b"}, {}]")
+
+
+def put_letter(realm: Realm, message: Any, **headers: Any) -> None:
+    """Put message into its DLQ as a dead letter with headers (as the administrator)."""
+    with realm.admin() as connection:
+        Producer(connection.default_channel).publish(
+            message.body,
+            exchange="mcard.dlx",
+            routing_key=QUEUE,
+            headers=dict(message.headers, **headers),
+            **{k: v for k, v in message.properties.items() if k != "user_id"},
+        )
+
+
 def minted(realm: Realm, request_id: str) -> int:
     return recorded(get_ledger(realm.ledger_url), [request_id])
 
@@ -479,18 +496,8 @@ def test_an_operator_replays_valid_letters_only_never_an_unauthorized_one(
     wait_for(lambda: dlq_depth(realm) == 2, 30, "two dead letters")
     valid = f"roles-replay-valid-{uuid.uuid4().hex}"
     message = task_message(valid)
-    with realm.admin() as connection:  # as a retry-exhausted request would be
-        Producer(connection.default_channel).publish(
-            message.body,
-            exchange="mcard.dlx",
-            routing_key=QUEUE,
-            headers=dict(
-                message.headers,
-                **{"x-mcard-reason": "TransientError: ledger down"},
-                **{PRODUCER_HEADER: realm.user("producer")},
-            ),
-            **{k: v for k, v in message.properties.items() if k != "user_id"},
-        )
+    reason = {"x-mcard-reason": "TransientError: ledger down"}  # as a retry-exhausted request's
+    put_letter(realm, message, **reason, **{PRODUCER_HEADER: realm.user("producer")})
     wait_for(lambda: dlq_depth(realm) == 3, 30, "three dead letters")
 
     replayed = realm.cli("operator", "dlq", "replay", QUEUE)
@@ -510,8 +517,7 @@ def test_an_unlisted_producer_is_refused_before_the_limits_and_never_through_a_r
     message = task_message(far)
     publish(realm, "intruder", message._replace(headers=dict(message.headers, eta="2999-01-01")))
     big = f"roles-big-intruder-{uuid.uuid4().hex}"
-    message = task_message(big)
-    publish(realm, "intruder", message._replace(body=b"[[], {" + b" " * 300_000 + b"}, {}]"))
+    publish(realm, "intruder", oversized(task_message(big)))
     reasons = wait_for_letters(realm, 2)
     for request_id in (far, big):
         assert reasons[request_id] == (
@@ -522,14 +528,7 @@ def test_an_unlisted_producer_is_refused_before_the_limits_and_never_through_a_r
     forged = f"roles-forged-letter-{uuid.uuid4().hex}"
     message = task_message(forged)
     death = {"queue": QUEUE, "reason": "rejected", "count": 1, "exchange": "mcard"}
-    with realm.admin() as connection:
-        Producer(connection.default_channel).publish(
-            message.body,
-            exchange="mcard.dlx",
-            routing_key=QUEUE,
-            headers=dict(message.headers, **{"x-death": [death]}, **{PRODUCER_HEADER: "app"}),
-            **{k: v for k, v in message.properties.items() if k != "user_id"},
-        )
+    put_letter(realm, message, **{"x-death": [death], PRODUCER_HEADER: "app"})
     wait_for(lambda: dlq_depth(realm) == 1, 30, "the letter in the DLQ")
     # An operator with MCARD_PRODUCERS refuses it...
     listed = f"{realm.user('producer')},{realm.user('operator')}"
@@ -557,9 +556,7 @@ def test_an_oversized_body_from_a_listed_producer_is_dead_lettered_undecoded(
 ) -> None:
     letters(realm)
     request_id = f"roles-big-{uuid.uuid4().hex}"
-    message = task_message(request_id)
-    big = message._replace(body=b"[[], {" + b" " * 300_000 + b"}, {}]")
-    publish(realm, "producer", big)
+    publish(realm, "producer", oversized(task_message(request_id)))
     reasons = wait_for_letters(realm, 1)
     assert reasons[request_id].startswith("body: the task message is 300")
     assert "over MCARD_MAX_BODY_BYTES=262144" in reasons[request_id]

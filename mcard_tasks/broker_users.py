@@ -65,7 +65,7 @@ def definitions(
     ]
     granted = []
     for role, name in users.items():
-        allowed = permissions(role)
+        allowed = permissions(role, name)
         granted.append(
             {
                 "user": name,

@@ -60,6 +60,7 @@ def executable_tasks(app: Any, include: Any) -> frozenset[str]:
     }
     return frozenset(task_names()) | frozenset(included)
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -1,7 +1,8 @@
 """Each broker role's user on the real broker: it does its job, and nothing outside it.
 
 The module's own vhost holds one user per role of ``mcard-tasks broker permissions ROLE``
-(and an intruder with the producer's permissions, not listed in MCARD_PRODUCERS). Every
+(an intruder with the producer's permissions, not listed in MCARD_PRODUCERS, and an
+eavesdropper with a subscriber's permissions for its own queues). Every
 process but the deploy step runs with MCARD_DECLARE=false. The test process itself reads the
 dead-letter queues and the ledger to see what happened.
 """
@@ -37,6 +38,9 @@ from tests.fixtures import CONSOLE_SCRIPT, ROOT, Worker, rabbitmqctl, recorded, 
 pytestmark = pytest.mark.integration
 HOST = "127.0.0.1:5672"
 QUEUE = "mcard.single_mint"
+#: Users with another role's permissions: a producer not in MCARD_PRODUCERS, and a second
+#: subscriber (its own queues only).
+IMPOSTORS = {"intruder": "producer", "eavesdropper": "subscriber"}
 
 
 @dataclass
@@ -111,10 +115,10 @@ def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     try:
-        for role in (*ROLES, "intruder"):
+        for role in (*ROLES, *IMPOSTORS):
             found.passwords[role] = secrets.token_hex(12)
             _add_user(found.user(role), found.passwords[role])
-            granted = permissions("producer" if role == "intruder" else role)
+            granted = permissions(IMPOSTORS.get(role, role), found.user(role))
             rabbitmqctl(
                 "set_permissions",
                 "-p",
@@ -451,7 +455,7 @@ def test_the_definitions_file_creates_every_role_user_with_its_permissions() -> 
     path = Path(f"/tmp/mcard-definitions-{SESSION}.json")
     path.write_text(made.stdout)
     path.chmod(0o644)
-    expected = [f"{prefix}{role}\t{permissions(role).line()}" for role in ROLES]
+    expected = [f"{prefix}{role}\t{permissions(role, prefix + role).line()}" for role in ROLES]
     try:
         rabbitmqctl("import_definitions", str(path))
 
@@ -593,3 +597,45 @@ def test_a_subscriber_reads_outcome_events_on_its_own_queue(realm: Realm, worker
         assert done.returncode == 0, done.stderr
         out, err = reader.communicate(timeout=60)
     assert reader.returncode == 0 and "mcard.single_mint" in out, err
+
+
+def test_a_subscriber_keeps_its_events_in_its_own_queue_which_no_other_may_touch(
+    realm: Realm, worker: Worker
+) -> None:
+    request_id = f"roles-own-{uuid.uuid4().hex}"
+    queue = f"mcard.events.{realm.user('subscriber')}.orders"
+    script = (
+        "from mcard_tasks import app\n"
+        "from mcard_tasks.events import subscribe\n"
+        f"with subscribe(app, queue={queue!r}, timeout=0.2) as events:\n"
+        "    next(events)\n"
+    )
+    realm.python("subscriber", script)  # declares and binds its durable queue
+    done = realm.cli(
+        "producer",
+        *("single-mint", "--owner", "erin", "--card-id", f"card-{request_id}"),
+        *("--request-id", request_id, "--wait", "30"),
+    )
+    assert done.returncode == 0, done.stderr
+    theirs = f"mcard.events.{realm.user('subscriber')}.mine-too"
+    for touch in (
+        lambda channel: channel.basic_get(queue),
+        lambda channel: channel.queue_delete(queue),
+        lambda channel: channel.queue_declare(theirs),
+    ):
+        with realm.connection("eavesdropper") as connection, pytest.raises(AccessRefused):
+            touch(connection.default_channel)
+    # The event waits in the subscriber's queue for it alone.
+    script = (
+        "import json\n"
+        "from mcard_tasks import app\n"
+        "from mcard_tasks.events import subscribe\n"
+        f"with subscribe(app, queue={queue!r}, timeout=1.0) as events:\n"
+        "    for _, event in zip(range(30), events):\n"
+        f"        if event is not None and event.request_id == {request_id!r}:\n"
+        "            print(json.dumps(event.routing_key))\n"
+        "            break\n"
+    )
+    assert "mcard.single_mint" in realm.python("subscriber", script).stdout
+    with realm.admin() as connection:
+        connection.default_channel.queue_delete(queue)

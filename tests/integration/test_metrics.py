@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -392,16 +393,38 @@ def test_prometheus_fires_the_dead_letter_alert_after_a_malformed_message(
     screenshot(prometheus)
 
 
+def paced_run(seconds: float) -> None:
+    """Mints, rejections and replays at a few per second, for the picture's graph."""
+    deadline, step = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        step += 1
+        card = new_id("paced")
+        result = single_mint.delay(card_id=card, owner="alice", request_id=new_id("paced"))
+        result.get(timeout=30, interval=0.05)
+        if step % 3 == 0:
+            single_mint.delay(card_id=card, owner="bob", request_id=new_id("paced"))
+        if step % 4 == 0:
+            single_burn.delay(card_id=card, owner="bob", request_id=new_id("paced"))
+        if step % 2 == 0:
+            app.send_task(
+                "mcard.single_mint", kwargs={"card_id": card, "owner": "alice"}, task_id=result.id
+            )
+        time.sleep(0.3)
+
+
 def screenshot(url: str) -> None:
     """Prometheus' graph of the run, as a PNG, when MCARD_TEST_SCREENSHOT names the file."""
     target = os.environ.get("MCARD_TEST_SCREENSHOT")
     if not target:
         return
+    paced_run(40)
+    time.sleep(3)  # Prometheus scrapes every second
     query = urllib.parse.urlencode(
         {
             "g0.expr": "sum by (task, outcome, reason) (mcard_outcomes_total)",
+            "g0.stacked": "0",
             "g0.tab": "0",
-            "g0.range_input": "5m",
+            "g0.range_input": "1m",
         }
     )
     profile = Path(target).resolve().parent / f".chromium-{SESSION}"
@@ -417,7 +440,7 @@ def screenshot(url: str) -> None:
                 "--no-first-run",
                 f"--user-data-dir={profile}",
                 "--virtual-time-budget=8000",
-                "--window-size=1200,700",
+                "--window-size=1200,900",
                 f"--screenshot={Path(target).resolve()}",
                 f"{url}/graph?{query}",
             ],

@@ -9,7 +9,7 @@ else, and prometheus_client is not even imported.
 from __future__ import annotations
 
 import os
-import sys
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "enabled",
     "install",
     "observe",
+    "process_id",
 ]
 
 TASK_DURATION = "mcard_task_duration_seconds"
@@ -64,21 +65,26 @@ def observe(histogram: str, task: str, seconds: float) -> None:
     child.observe(seconds)
 
 
+def process_id() -> str:
+    """This process in the name of its timing files: host name and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def enable(directory: str) -> None:
     """Record timings into directory (made if missing) from this process and its children.
 
-    prometheus_client picks its value class when first imported, from the environment: the
-    variable is set before that, and the class chosen again if it was imported already.
+    Each process writes files of its own (prometheus_client's multiprocess values, which
+    notice a fork and start new files in the child); the variable tells them the directory.
     """
     if _histograms:
         return
     Path(directory).mkdir(parents=True, exist_ok=True)
     os.environ[_MULTIPROC_ENV] = directory
-    already = "prometheus_client" in sys.modules
     from prometheus_client import CollectorRegistry, Histogram, values
 
-    if already:
-        values.ValueClass = values.get_value_class()
+    # Files named by host and pid, not pid alone: worker containers sharing the directory all
+    # run their worker as the same pid (1, or tini's first child), and would write one file.
+    values.ValueClass = values.MultiProcessValue(process_identifier=process_id)
     # A registry of our own: nothing is served from the worker, the exporter reads the files.
     registry = CollectorRegistry()
     for name, documentation in HISTOGRAMS.items():
@@ -96,7 +102,7 @@ def _process_dead(**_: Any) -> None:
     if _histograms:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(os.getpid())
+        multiprocess.mark_process_dead(process_id())
 
 
 def install(app: Celery, settings: Settings) -> None:

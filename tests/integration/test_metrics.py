@@ -450,3 +450,35 @@ def screenshot(url: str) -> None:
         )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_sources_that_do_not_answer_are_reported_down_and_the_scrape_still_answers(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    env = dict(
+        os.environ,
+        MCARD_BROKER_URL="amqp://guest:guest@127.0.0.1:5999//",
+        MCARD_DATABASE_URL="postgresql://postgres@127.0.0.1:5999/nothing",
+        MCARD_FLOWER_USER=USER,
+        MCARD_FLOWER_PASSWORD=PASSWORD,
+    )
+    log = tmp_path / "exporter.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(CONSOLE_SCRIPT), "metrics", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_for(lambda: process.poll() is not None or answers(url), 30, "the exporter")
+        samples = scrape(url)
+        assert value(samples, "mcard_ledger_up") == 0
+        assert value(samples, "mcard_broker_up") == 0
+        assert summed(samples, "mcard_queue_messages_ready") == 0
+        assert not any(name == "mcard_outcomes_total" for name, _ in samples)
+    finally:
+        assert stop(process) == 0
+    assert "did not answer" in log.read_text()

@@ -66,9 +66,9 @@ from bench.worker_measure import (
 )
 
 #: The drain variants in the order of the first round (each further round starts one on).
-DRAIN_KINDS = ("prefork", "bare", "threads", "threads2")
+DRAIN_KINDS = ("prefork", "bare", "threads", "threads2", "timed")
 #: ... and in the table.
-TABLE_KINDS = ("prefork", "threads", "threads2", "bare")
+TABLE_KINDS = ("prefork", "threads", "threads2", "timed", "bare")
 
 Section = Callable[[Environment, argparse.Namespace], list[str]]
 
@@ -85,6 +85,10 @@ def drain_once(env: Environment, kind: str, n: int, c: int) -> Drain:
         # One process per core, like the baseline's prefork children: the same total of 8
         # threads as the default worker, in 2 worker processes of 4.
         return drain_mcard(env, "threads2", n, None, 4, processes=c)
+    if kind == "timed":
+        # threads2 with the worker timings on (MCARD_METRICS_DIR): what the histograms cost.
+        timings = str(env.workdir / "metrics")
+        return drain_mcard(env, "timed", n, None, 4, processes=c, metrics_dir=timings)
     return drain_bare(env, n, c)
 
 
@@ -93,6 +97,7 @@ def drain_labels(c: int) -> dict[str, str]:
         "prefork": f"mcard single_mint, prefork -c {c}",
         "threads": "mcard single_mint, default pool (threads -c 8)",
         "threads2": f"mcard single_mint, {c} worker processes x threads -c 4",
+        "timed": f"mcard single_mint, {c} x threads -c 4, MCARD_METRICS_DIR",
         "bare": f"bare Celery no-op, prefork -c {c}",
     }
 
@@ -120,6 +125,8 @@ def drain_table(runs: dict[str, list[Drain]], labels: dict[str, str]) -> list[st
     for kind in TABLE_KINDS[:-1]:
         share = ratio(medians[kind], medians["bare"])
         table.append("   " + ratio_line(f"ratio mcard {kind} / bare", share, ">= 1.0"))
+    timed = ratio(medians["timed"], medians["threads2"])
+    table.append("   " + ratio_line("ratio timings on / off (timed / threads2)", timed, "~ 1.0"))
     return table + cpu_table(runs, labels, medians["bare"])
 
 

@@ -41,6 +41,7 @@ from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.request_outbox import Database, outbox_message, write_request
 from mcard_tasks.sent_events import sent_events
 from mcard_tasks.specs import TaskSpec
+from mcard_tasks.timings import TASK_DURATION, observe
 from mcard_tasks.topology import build_topology
 
 __all__ = ["RequestTask", "resolve_request_id"]
@@ -201,13 +202,17 @@ class RequestTask(Task):  # type: ignore[misc]
         The fields are validated in run (``accept``), which Celery wraps with the automatic
         retry of transient errors.
         """
+        started = time.perf_counter()
         try:
-            if args:
-                raise InvalidRequestError(["args: positional arguments are not accepted"])
-            check_request_id(self.request.id)
-        except InvalidRequestError as exc:
-            raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
-        return self.run(**kwargs)
+            try:
+                if args:
+                    raise InvalidRequestError(["args: positional arguments are not accepted"])
+                check_request_id(self.request.id)
+            except InvalidRequestError as exc:
+                raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
+            return self.run(**kwargs)
+        finally:
+            observe(TASK_DURATION, self.name, time.perf_counter() - started)
 
     def accept(self, fields: dict[str, Any]) -> Payload:
         """Worker side: the request's payload, or a rejection into the DLQ with the reason."""

@@ -73,6 +73,8 @@ def test_invalid_requests_exit_2(vhost: str, tmp_path: Path, ledger: str) -> Non
             (["burn", "--card-id", "c-1", "--owner", "al\tice"], env),
             (["status", "white space"], env),
             (["import", lines(tmp_path, {"task": "single_mint", "owner": "x"})], env),
+            (["metrics", "--address", "0.0.0.0"], env),  # no credentials, not loopback
+            (["metrics"], env | {"MCARD_FLOWER_USER": "u", "MCARD_FLOWER_PASSWORD": "short"}),
         ],
     )
 

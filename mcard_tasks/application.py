@@ -178,6 +178,10 @@ def create_app(settings: Settings | None = None) -> MCardApp:
     signals.after_setup_logger.connect(
         lambda **_: quiet_task_lines(settings), weak=False, dispatch_uid="mcard-task-lines"
     )
+    if settings.tracing:  # off: OpenTelemetry is not imported at all
+        from mcard_tasks.tracing import instrument
+
+        instrument()
     return app
 
 

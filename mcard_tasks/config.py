@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     #: its histograms (prometheus_client's multiprocess files), merged by ``mcard-tasks
     #: metrics``. Unset: no timings are kept, nothing is written.
     metrics_dir: str | None = None
+    #: OpenTelemetry traces (mcard_tasks.tracing): publish, run and ledger spans, exported as
+    #: the standard OTEL_* variables say. Off: OpenTelemetry is not even imported.
+    tracing: bool = False
 
     @property
     def spec_modules(self) -> list[str]:

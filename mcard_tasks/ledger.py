@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from mcard_tasks import tracing
 from mcard_tasks.database import autocommit_engine_for, engine_for
 from mcard_tasks.errors import ConflictError, LedgerUnavailableError
 from mcard_tasks.issuers import Issuer, LedgerIssuer
@@ -294,7 +295,11 @@ class Ledger:
         LedgerUnavailableError when the database cannot be reached, and the issuer's
         TransientError as is.
         """
-        spec, issuer = spec_for(task), issuer or LedgerIssuer()
+        # A span of the ledger's work while tracing is on (MCARD_TRACING); a no-op otherwise.
+        with tracing.span("mcard.ledger.apply", request_id, task):
+            return self._apply(spec_for(task), request_id, payload, issuer or LedgerIssuer())
+
+    def _apply(self, spec: TaskSpec, request_id: str, payload: Payload, issuer: Issuer) -> str:
         started, called = perf_counter(), 0.0
         try:
             digest = fingerprint(spec.name, payload)
@@ -309,7 +314,8 @@ class Ledger:
                 return outcome_json
             call = perf_counter()
             try:
-                spec.issue(issuer, request_id, payload)
+                with tracing.span("mcard.issuer.issue", request_id, spec.name):
+                    spec.issue(issuer, request_id, payload)
             finally:
                 called = perf_counter() - call
                 observe(ISSUER_CALL, spec.name, called)

@@ -23,6 +23,7 @@ from celery.utils.log import get_task_logger
 from kombu.exceptions import LimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from mcard_tasks import tracing
 from mcard_tasks.config import settings_of
 from mcard_tasks.errors import (
     BrokerUnavailableError,
@@ -47,6 +48,8 @@ from mcard_tasks.topology import build_topology
 __all__ = ["RequestTask", "resolve_request_id"]
 
 logger = get_task_logger(__name__)
+#: The run span's outcome of a request the worker dead-letters (tracing.OUTCOME).
+DEAD_LETTERED = "dead-lettered"
 #: What a publish raises when the broker is stopped, unreachable, blocked or says no.
 PUBLISH_ERRORS = (OSError, KombuOperationalError, AMQPError, MessageNacked, TimeoutError)
 
@@ -219,6 +222,7 @@ class RequestTask(Task):  # type: ignore[misc]
         try:
             return self.validate(fields)
         except InvalidRequestError as exc:
+            tracing.annotate(self.request.id, self.name, DEAD_LETTERED)
             raise Reject(str(exc), requeue=False) from exc
 
     def _count_legacy(self, ledger: Any, key: str) -> None:
@@ -249,9 +253,11 @@ class RequestTask(Task):  # type: ignore[misc]
                 self.name, self.request.id, payload, configured_issuer(settings)
             )
         except ConflictError as exc:
+            tracing.annotate(self.request.id, self.name, DEAD_LETTERED)
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
         legacy_key = getattr(self.request, LEGACY_HEADER, None)
         if legacy_key is not None:  # translated from a legacy message (mcard_tasks.legacy)
             self._count_legacy(ledger, str(legacy_key))
         outcome: dict[str, Any] = json.loads(outcome_json)
+        tracing.annotate(self.request.id, self.name, str(outcome.get("outcome")))
         return outcome  # with MCARD_LOG_TASKS, Celery logs it: "Task ...[<request ID>] succeeded"

@@ -65,7 +65,9 @@ def _dead_lettered(request_id: str) -> bool | None:
         )
         return None
     except (BrokerError, ConnectionError, AMQPError) as exc:
-        click.echo(f"note: dead-letter queues not searched: broker unreachable ({exc})", err=True)
+        click.echo(
+            f"note: dead-letter queues not searched: the broker did not let us ({exc})", err=True
+        )
         return None
     for each in found:
         letter = each.letter

@@ -205,6 +205,7 @@ class RequestTask(Task):  # type: ignore[misc]
         The fields are validated in run (``accept``), which Celery wraps with the automatic
         retry of transient errors.
         """
+        tracing.annotate(self.request.id, self.name)  # the run span names its request
         started = time.perf_counter()
         try:
             try:

@@ -53,15 +53,17 @@ def span(name: str, request_id: str, task: str) -> AbstractContextManager[Any]:
     return _tracer.start_as_current_span(name, attributes={REQUEST_ID: request_id, TASK: task})
 
 
-def annotate(request_id: str, task: str, outcome: str) -> None:
-    """Name the request, its task and its outcome on the current span (the worker's run
-    span) while tracing is on."""
+def annotate(request_id: str, task: str, outcome: str | None = None) -> None:
+    """Name the request, its task and (once known) its outcome on the current span (the
+    worker's run span) while tracing is on."""
     if _tracer is None:
         return
     from opentelemetry import trace
 
     current = trace.get_current_span()
-    current.set_attributes({REQUEST_ID: request_id, TASK: task, OUTCOME: outcome})
+    current.set_attributes({REQUEST_ID: request_id, TASK: task})
+    if outcome is not None:
+        current.set_attribute(OUTCOME, outcome)
 
 
 def instrument(tracer_provider: TracerProvider | None = None) -> None:

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from mcard_tasks import app, tracing
 from mcard_tasks.tasks import single_burn, single_mint
 from mcard_tasks.topology import build_topology
-from tests.fixtures import ROOT, Worker, use_ledger, wait_for
+from tests.fixtures import ROOT, Worker, drain_dlq, use_ledger, wait_for
 from tests.span_file import FILE_VARIABLE, NAME, read_spans, register
 
 pytestmark = pytest.mark.integration
@@ -183,3 +183,52 @@ def test_with_tracing_off_nothing_is_traced_imported_or_added_to_the_message(
     assert result.get(timeout=TIMEOUT)["outcome"] == "succeeded"
     assert worker.stop() == 0  # a traced worker would have flushed its spans by now
     assert read_spans(path) == [] and not path.exists()
+
+
+def test_a_retry_continues_the_trace_and_the_issuer_call_is_a_span_under_the_ledger_span(
+    sqlite_url: str,
+    make_worker: Callable[..., Worker],
+    producer_spans: InMemorySpanExporter,
+    tmp_path: Path,
+) -> None:
+    use_ledger(sqlite_url)
+    worker, path = worker_exporting(make_worker, sqlite_url, tmp_path, traced=True)
+    worker.env.update(
+        MCARD_ISSUER="simulated",
+        MCARD_ISSUER_LATENCY_MS="1",
+        MCARD_ISSUER_FAILURE_RATE="1",  # every call fails: one retry, then the DLQ
+        MCARD_MAX_RETRIES="1",
+    )
+    worker.start()
+    request_id = new("trace-retry")
+    single_mint.delay(card_id=new("card"), owner="alice", request_id=request_id)
+    publish = published(producer_spans, request_id)
+
+    def spans() -> list[dict[str, Any]]:
+        return [
+            span
+            for span in read_spans(path)
+            if span["attributes"].get(tracing.REQUEST_ID) == request_id
+        ]
+
+    def named(name: str) -> list[dict[str, Any]]:
+        return sorted((s for s in spans() if s["name"] == name), key=lambda s: s["start_time"])
+
+    wait_for(lambda: len(named(RUN)) == 2, TIMEOUT, "two runs of the request (one retry)")
+    assert {span["context"]["trace_id"] for span in spans()} == {
+        hex_id(publish.context.trace_id, 32)
+    }
+    first, second = named(RUN)
+    [retry] = named(PUBLISH)  # the worker's publish of the retry
+    assert first["parent_id"] == hex_id(publish.context.span_id, 16)
+    assert retry["parent_id"] == first["context"]["span_id"]
+    assert second["parent_id"] == retry["context"]["span_id"]
+    ledgers = named(LEDGER)
+    assert [s["parent_id"] for s in ledgers] == [
+        first["context"]["span_id"],
+        second["context"]["span_id"],
+    ]
+    issuers = named("mcard.issuer.issue")
+    assert [s["parent_id"] for s in issuers] == [s["context"]["span_id"] for s in ledgers]
+    assert {s["status"]["status_code"] for s in issuers} == {"ERROR"}
+    wait_for(lambda: drain_dlq(single_mint.name), TIMEOUT, "the request in its DLQ")

@@ -24,6 +24,8 @@ import threading
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
+from mcard_tasks.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Tracer, TracerProvider
@@ -72,12 +74,19 @@ def instrument(tracer_provider: TracerProvider | None = None) -> None:
     Parameters: tracer_provider, the provider to use (a test's, say); None: the global one,
     made from the OTEL_* environment when this process first needs it, unless the
     application set one itself.
+
+    Raises: ConfigurationError when OpenTelemetry is not installed (the tracing extra).
     """
     global _tracer
     from celery import signals
-    from opentelemetry import trace
-    from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
+    try:
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"MCARD_TRACING=true needs OpenTelemetry: {EXTRA_HINT} ({exc})"
+        ) from exc
     if _tracer is not None:
         return
     if tracer_provider is None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
 from mcard_tasks import tracing
+from mcard_tasks.errors import ConfigurationError
 
 
 def test_span_is_one_shared_no_op_while_tracing_is_off() -> None:
@@ -68,3 +70,11 @@ def test_the_service_is_named_mcard_tasks_unless_otel_service_name_says_otherwis
     monkeypatch.setenv("OTEL_SERVICE_NAME", "card-shop-worker")
     renamed = tracing.provider_from_environment()
     assert renamed.resource.attributes["service.name"] == "card-shop-worker"
+
+
+def test_tracing_on_without_opentelemetry_installed_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.instrumentation.celery", None)
+    with pytest.raises(ConfigurationError, match=r"mcard-tasks\[tracing\]"):
+        tracing.instrument()

@@ -347,6 +347,29 @@ def test_a_forged_user_id_is_refused_by_the_broker(realm: Realm, worker: Worker)
     assert minted(realm, request_id) == 0
 
 
+def test_status_finds_a_refused_request_in_its_dlq_as_the_operator_not_as_the_producer(
+    realm: Realm, worker: Worker
+) -> None:
+    request_id = f"roles-status-{uuid.uuid4().hex}"
+    enqueue = realm.cli(
+        "intruder",
+        *("single-mint", "--owner", "mallory", "--card-id", f"card-{request_id}"),
+        *("--request-id", request_id),
+    )
+    assert enqueue.returncode == 0, enqueue.stderr
+    found = wait_for(
+        lambda: (done := realm.cli("operator", "status", request_id)).returncode == 8 and done,
+        30,
+        "the operator's status to find the refused request in its DLQ",
+        every=0.5,
+    )
+    assert f"dead-lettered in {QUEUE}.dlq: unauthorized producer" in found.stdout
+    as_producer = realm.cli("producer", "status", request_id)
+    assert as_producer.returncode == 6, as_producer.stdout + as_producer.stderr
+    assert "may not read them (the operator role may)" in as_producer.stderr
+    assert request_id in wait_for_letters(realm, 1), "the letter stayed in the DLQ"
+
+
 def test_unlisted_anonymous_and_builtin_messages_are_dead_lettered_with_no_effect(
     realm: Realm, worker: Worker
 ) -> None:

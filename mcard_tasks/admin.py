@@ -224,15 +224,12 @@ def _peek(app: Celery, name: str) -> list[DeadLetter]:
     """
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
-        channel = connection.channel()
-        try:
+        with _probe(connection) as channel:  # closed at the end: unacked letters go back
             dlq = topology_of(app).queue(name)(channel)
             ready = int(dlq.queue_declare(passive=True).message_count)
             seen: list[DeadLetter] = []
             while len(seen) < 2 * ready + 1000 and (message := dlq.get(no_ack=False)) is not None:
                 seen.append(_describe(message))
-        finally:
-            channel.close()  # unacked messages go back to the queue
     return seen
 
 

@@ -6,7 +6,7 @@ Nothing here needs RabbitMQ's management plugin: it uses passive declares and ba
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,26 +211,37 @@ def _dlq(queue: str) -> str:
 
 def dead_letters(app: Celery, queue: str, limit: int = 50) -> list[DeadLetter]:
     """Look at up to limit dead letters of queue without removing or reordering them."""
-    return _peek(app, _dlq(queue))[:limit]
+    return _peek(app, _dlq(queue), limit=limit)
 
 
-def _peek(app: Celery, name: str) -> list[DeadLetter]:
-    """Every letter of the DLQ name, looked at and left there in the same order.
+def _peek(
+    app: Celery,
+    name: str,
+    wanted: Callable[[DeadLetter], bool] = lambda letter: True,
+    limit: int | None = None,
+) -> list[DeadLetter]:
+    """The letters of the DLQ name that are wanted (up to limit), looked at and left there
+    in the same order.
 
     Each is taken unacked and all go back when the channel closes. A quorum queue puts a
-    returned message behind those still ready, so it is read to the end: stopping early would
-    move what was looked at behind the rest. Bounded all the same (letters arriving faster
-    than they are read): twice what the queue held at the start, and 1,000 more.
+    returned message behind those still ready, so it is read to the end however few are
+    kept: stopping early would move what was looked at behind the rest. Bounded all the same
+    (letters arriving faster than they are read): twice what it held at the start, and 1,000.
     """
+    kept: list[DeadLetter] = []
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
         with _probe(connection) as channel:  # closed at the end: unacked letters go back
             dlq = topology_of(app).queue(name)(channel)
-            ready = int(dlq.queue_declare(passive=True).message_count)
-            seen: list[DeadLetter] = []
-            while len(seen) < 2 * ready + 1000 and (message := dlq.get(no_ack=False)) is not None:
-                seen.append(_describe(message))
-    return seen
+            bound = 2 * int(dlq.queue_declare(passive=True).message_count) + 1000
+            for _ in range(bound):
+                message = dlq.get(no_ack=False)
+                if message is None:
+                    break
+                letter = _describe(message)
+                if wanted(letter) and (limit is None or len(kept) < limit):
+                    kept.append(letter)
+    return kept
 
 
 @dataclass(frozen=True)
@@ -251,12 +262,10 @@ def find_dead_letters(app: Celery, request_id: str) -> list[Found]:
     found = []
     for queue in task_names():
         try:
-            letters = _peek(app, dlq_name(queue))
+            letters = _peek(app, dlq_name(queue), lambda letter: letter.request_id == request_id)
         except NotFound:
             continue
-        found += [
-            Found(dlq_name(queue), letter) for letter in letters if letter.request_id == request_id
-        ]
+        found += [Found(dlq_name(queue), letter) for letter in letters]
     return found
 
 

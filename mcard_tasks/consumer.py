@@ -36,7 +36,12 @@ from celery.worker.consumer import Consumer
 from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import dead_letter, source_queue
 from mcard_tasks.errors import InvalidLegacyMessageError
-from mcard_tasks.identity import ProducerPolicy, producer_policy
+from mcard_tasks.identity import (
+    ProducerPolicy,
+    broker_user,
+    producer_policy,
+    request_producers,
+)
 from mcard_tasks.legacy import LegacyRequest, republish, translate
 from mcard_tasks.limits import guarded
 from mcard_tasks.specs import task_names
@@ -187,7 +192,7 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         """Republish the request's task message, then ack the original (never before: a
         crash in between republishes it, and the ledger makes the copy a replay)."""
         try:
-            republish(self.app, request)
+            republish(self.app, request, request_producers(message, broker_user(self.app)))
         except Exception as exc:  # any publish failure: never lose the original
             if not message.delivery_info.get("redelivered"):
                 # A passing broker failure (a leader election, a nack): once more, later.

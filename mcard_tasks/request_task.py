@@ -32,7 +32,7 @@ from mcard_tasks.errors import (
     LedgerUnavailableError,
     TransientError,
 )
-from mcard_tasks.identity import broker_user
+from mcard_tasks.identity import PRODUCER_HEADER, broker_user, retry_producers
 from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.legacy import LEGACY_HEADER
@@ -129,6 +129,11 @@ class RequestTask(Task):  # type: ignore[misc]
         # Producer identity: RabbitMQ refuses a user_id other than the connection's user, so
         # the worker (MCARD_PRODUCERS) and event subscribers can trust it.
         options.setdefault("user_id", broker_user(self.app))
+        if not self.request.called_directly and self.request.id == request_id:
+            # A retry, published as the worker's user: the request's original producers go
+            # with it, and the worker checks them again (MCARD_PRODUCERS).
+            producers = retry_producers(self.request, broker_user(self.app))
+            options["headers"] = {**(options.get("headers") or {}), PRODUCER_HEADER: producers}
         publish = partial(super().apply_async, args=(), kwargs=published, task_id=request_id)
         if options.get("producer") is not None:  # the caller manages its own producer
             return publish(**options)

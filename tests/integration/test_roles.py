@@ -17,6 +17,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,10 @@ class Realm:
     vhost: str
     passwords: dict[str, str]
     ledger_url: str
+    tag: str = SESSION
 
     def user(self, role: str) -> str:
-        return f"{role}-{SESSION}"
+        return f"{role}-{self.tag}"
 
     def url(self, role: str) -> str:
         return f"amqp://{self.user(role)}:{self.passwords[role]}@{HOST}/{self.vhost}"
@@ -107,11 +109,11 @@ def _add_user(user: str, password: str) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
-    vhost = f"mcard-roles-{SESSION}"
-    ledger = tmp_path_factory.mktemp("roles") / "ledger.sqlite3"
-    found = Realm(vhost, {}, f"sqlite:///{ledger}")
+@contextmanager
+def made_realm(tag: str, ledger: Path) -> Iterator[Realm]:
+    """A vhost with a user per role (named ROLE-tag), removed at the end."""
+    vhost = f"mcard-roles-{tag}"
+    found = Realm(vhost, {}, f"sqlite:///{ledger}", tag)
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     try:
@@ -133,6 +135,12 @@ def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
         for role in found.passwords:
             rabbitmqctl("delete_user", found.user(role))
         rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="module")
+def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
+    with made_realm(SESSION, tmp_path_factory.mktemp("roles") / "ledger.sqlite3") as found:
+        yield found
 
 
 def consumers(realm: Realm) -> dict[str, int]:
@@ -568,7 +576,7 @@ def test_an_unlisted_producer_is_refused_before_the_limits_and_never_through_a_r
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     reasons = wait_for_letters(realm, 1)
     assert reasons[forged].startswith(f"{UNAUTHORIZED_PRODUCER}: the message has no user_id")
-    assert f"(the original producer of this replay, {PRODUCER_HEADER})" in reasons[forged]
+    assert f"(the request's original producer, {PRODUCER_HEADER})" in reasons[forged]
     for request_id in (far, big, forged):
         assert minted(realm, request_id) == 0
 
@@ -662,3 +670,71 @@ def test_a_subscriber_keeps_its_events_in_its_own_queue_which_no_other_may_touch
     assert "mcard.single_mint" in realm.python("subscriber", script).stdout
     with realm.admin() as connection:
         connection.default_channel.queue_delete(queue)
+
+
+def test_a_request_whose_retries_ran_out_is_replayed_by_an_operator_with_mcard_producers(
+    tmp_path: Path, worker_factory: Callable[..., Worker]
+) -> None:
+    """The worker's retries and dead letters are published as its own user: the request's
+    producer goes with them, so a real retry-exhausted letter names its producer, and the
+    operator's replay (refusing unlisted producers first) and the worker accept it."""
+    with made_realm(f"{SESSION}-retry", tmp_path / "ledger.sqlite3") as own:
+        own.cli("deploy", "topology", "declare").check_returncode()
+        listed = f"{own.user('producer')},{own.user('operator')}"
+        settings = {"broker_url": own.url("worker"), "declare": "false", "producers": listed}
+        failing = worker_factory(
+            own.ledger_url,
+            "roles-failing",
+            issuer="simulated",
+            issuer_latency_ms="0",
+            issuer_failure_rate="1.0",
+            max_retries="1",
+            **settings,
+        ).launch()
+        request_id = f"roles-retried-{uuid.uuid4().hex}"
+        done = own.cli(
+            "producer",
+            *("single-mint", "--owner", "frank", "--card-id", f"card-{request_id}"),
+            *("--request-id", request_id),
+        )
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: dlq_depth(own) == 1, 60, "the request's retries to run out")
+        failing.stop()
+        [letter] = peek_letters(own)
+        assert letter.headers["retries"] == 1, "it was retried once first"
+        assert letter.headers[PRODUCER_HEADER] == own.user("producer"), letter.headers
+        healthy = worker_factory(own.ledger_url, "roles-healthy", **settings).launch()
+        try:
+            replayed = own.cli("operator", "dlq", "replay", QUEUE, producers=listed)
+            assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+            wait_for(lambda: minted(own, request_id) == 1, 60, "the replayed request")
+        finally:
+            healthy.stop()
+
+
+def peek_letters(realm: Realm, queue: str = QUEUE) -> list[Any]:
+    """The letters of queue's DLQ, left in it."""
+    with realm.admin() as connection:
+        channel = connection.channel()
+        seen = []
+        while (message := channel.basic_get(f"{queue}.dlq", no_ack=False)) is not None:
+            seen.append(message)
+        channel.close()
+    return seen
+
+
+def test_a_forged_x_death_does_not_make_a_worker_made_letter_read_as_the_brokers(
+    realm: Realm, worker: Worker
+) -> None:
+    letters(realm)
+    request_id = f"roles-x-death-{uuid.uuid4().hex}"
+    message = task_message(request_id, owner="", card_id="x")  # invalid: dead-lettered
+    death = {"queue": QUEUE, "reason": "rejected", "count": 1, "exchange": "mcard"}
+    headers = dict(message.headers, **{"x-death": [death], PRODUCER_HEADER: "someone"})
+    publish(realm, "producer", message._replace(headers=headers))
+    wait_for(lambda: dlq_depth(realm) == 1, 30, "the letter")
+    [letter] = peek_letters(realm)
+    assert "x-death" not in letter.headers, "the forged task-queue x-death is dropped"
+    producers = letter.headers[PRODUCER_HEADER].split(",")
+    assert producers == sorted([realm.user("producer"), "someone"]), "both vouched"
+    letters(realm)

@@ -330,8 +330,10 @@ def subscribe(
     if queue:
         bound = Queue(queue, exchange, routing_key=pattern, durable=True, auto_delete=False)
     else:
-        # Named after the broker user: a subscriber user's permissions cover its own queues.
-        prefix = subscriber_queue_prefix(broker_user(app))
+        # Named after the broker user: a subscriber user's permissions cover its own queues
+        # (a user with a dot in its name has none: the shared prefix, mcard.events.).
+        user = broker_user(app)
+        prefix = subscriber_queue_prefix(None if "." in user else user)
         bound = Queue(
             f"{prefix}{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
             exchange,

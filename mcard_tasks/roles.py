@@ -79,8 +79,18 @@ def _names(names: Iterable[str]) -> list[str]:
 def subscriber_queue_prefix(user: str | None) -> str:
     """How the queues of subscriber user are named (``mcard.events.<user>.``): its
     permissions cover those only, so no subscriber reads or deletes another's queue.
-    None: any subscriber queue (``mcard.events.``), shared by every such user."""
-    return f"{EVENTS_EXCHANGE_NAME}.{user}." if user else f"{EVENTS_EXCHANGE_NAME}."
+    None: any subscriber queue (``mcard.events.``), shared by every such user.
+
+    A user with a dot in its name has none of its own: ``shop``'s prefix would cover
+    ``shop.eu``'s queues. ValueError says so."""
+    if not user:
+        return f"{EVENTS_EXCHANGE_NAME}."
+    if "." in user:
+        raise ValueError(
+            f"subscriber user {user!r}: a name with a dot cannot have queues of its own"
+            f" (another user's prefix would cover them); use a name without dots"
+        )
+    return f"{EVENTS_EXCHANGE_NAME}.{user}."
 
 
 def permissions(role: str, user: str | None = None) -> Permissions:

@@ -35,7 +35,10 @@ def permissions(role: str, user: str | None) -> None:
     from mcard_tasks import app  # noqa: F401  (MCARD_SPECS' task kinds, registered)
     from mcard_tasks.roles import permissions as of_role
 
-    click.echo(of_role(role, user).line())
+    try:
+        click.echo(of_role(role, user).line())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--user") from exc
 
 
 @broker.command("definitions")

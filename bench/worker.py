@@ -69,9 +69,9 @@ from bench.worker_measure import (
 )
 
 #: The drain variants in the order of the first round (each further round starts one on).
-DRAIN_KINDS = ("batch2", "bare", "batch16", "raw", "nobatch")
-#: ... and in the table (the last two are the baselines the ratios are taken against).
-TABLE_KINDS = ("batch2", "batch16", "nobatch", "bare", "raw")
+DRAIN_KINDS = ("batch2", "bare", "batch16", "raw", "nobatch", "timed")
+#: ... and in the table (bare and raw are the baselines the ratios are taken against).
+TABLE_KINDS = ("batch2", "batch16", "nobatch", "timed", "bare", "raw")
 
 Section = Callable[[Environment, argparse.Namespace], list[str]]
 
@@ -88,6 +88,10 @@ def drain_once(env: Environment, kind: str, n: int, c: int) -> Drain:
         return drain_mcard(env, "nobatch", n, None, None, batch="false")
     if kind == "raw":
         return drain_raw(env, n)
+    if kind == "timed":
+        # batch2 with the worker timings on (MCARD_METRICS_DIR): what the histograms cost.
+        timings = str(env.workdir / "metrics")
+        return drain_mcard(env, "timed", n, None, 2, metrics_dir=timings)
     return drain_bare(env, n, c)
 
 
@@ -96,6 +100,7 @@ def drain_labels(c: int) -> dict[str, str]:
         "batch2": "mcard single_mint, default settings, -c 2",
         "batch16": "mcard single_mint, default settings, -c 16",
         "nobatch": "mcard single_mint, MCARD_BATCH=false (threads -c 8)",
+        "timed": "mcard single_mint, default settings, -c 2, MCARD_METRICS_DIR",
         "bare": f"bare Celery no-op, prefork -c {c}",
         "raw": "raw py-amqp + PostgreSQL, 250 per transaction",
     }
@@ -132,6 +137,8 @@ def drain_table(runs: dict[str, list[Drain]], labels: dict[str, str]) -> list[st
     for kind in TABLE_KINDS[:2]:
         rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(rates[kind], rates["bare"], strict=False))
         table.append(f"   per round {kind} / bare: {rounds}")
+    timed = ratio(medians["timed"], medians["batch2"])
+    table.append("   " + ratio_line("ratio timings on / off (timed / batch2)", timed, "~ 1.0"))
     return table + cpu_table(runs, labels, medians["bare"])
 
 

@@ -94,7 +94,7 @@ SELECT format('ALTER TABLE %I.%I OWNER TO %I', schemaname, tablename, :'owner_ro
 FROM pg_tables
 WHERE schemaname = :'schema'
   AND tablename IN ('alembic_version', 'cards', 'operations', 'task_states', 'outbox',
-                    'legacy_messages')
+                    'legacy_messages', 'replays')
   AND tableowner <> :'owner_role' \gexec
 
 -- Tables and sequences the owner creates from now on (every later migration): the worker's.
@@ -106,7 +106,8 @@ ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA :"schema"
 -- The tables that exist now. The worker: every ledger table; the producer: what it reads.
 SELECT format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.%I TO %I', :'schema', name,
               :'worker_role')
-FROM unnest(ARRAY['cards', 'operations', 'task_states', 'outbox', 'legacy_messages']) AS name
+FROM unnest(ARRAY['cards', 'operations', 'task_states', 'outbox', 'legacy_messages',
+                   'replays']) AS name
 WHERE to_regclass(format('%I.%I', :'schema', name)) IS NOT NULL \gexec
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA :"schema" TO :"worker_role";
 SELECT format('GRANT SELECT ON %I.%I TO %I', :'schema', name, :'producer_role')

@@ -6,7 +6,7 @@ Nothing here needs RabbitMQ's management plugin: it uses passive declares and ba
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,12 +38,14 @@ from mcard_tasks.topology import (
 
 __all__ = [
     "DeadLetter",
+    "Found",
     "QueueDepth",
     "Replay",
     "Verdict",
     "check_topology",
     "dead_letters",
     "declare_topology",
+    "find_dead_letters",
     "purge_dlq",
     "queue_depths",
     "replay_dlq",
@@ -208,16 +210,63 @@ def _dlq(queue: str) -> str:
 
 
 def dead_letters(app: Celery, queue: str, limit: int = 50) -> list[DeadLetter]:
-    """Look at up to limit dead letters of queue without removing them."""
-    name = _dlq(queue)
+    """Look at up to limit dead letters of queue without removing or reordering them."""
+    return _peek(app, _dlq(queue), limit=limit)
+
+
+def _peek(
+    app: Celery,
+    name: str,
+    wanted: Callable[[DeadLetter], bool] = lambda letter: True,
+    limit: int | None = None,
+) -> list[DeadLetter]:
+    """The letters of the DLQ name that are wanted (up to limit), looked at and left there
+    in the same order.
+
+    Each is taken unacked and all go back when the channel closes. A quorum queue puts a
+    returned message behind those still ready, so it is read to the end however few are
+    kept: stopping early would move what was looked at behind the rest. Bounded all the same
+    (letters arriving faster than they are read): twice what it held at the start, and 1,000.
+    """
+    kept: list[DeadLetter] = []
     with app.connection_for_write() as connection:
-        channel = connection.channel()
-        dlq = topology_of(app).queue(name)(channel)
-        seen: list[DeadLetter] = []
-        while len(seen) < limit and (message := dlq.get(no_ack=False)) is not None:
-            seen.append(_describe(message))
-        channel.close()  # unacked messages go back to the queue
-    return seen
+        connection.ensure_connection(max_retries=1)
+        with _probe(connection) as channel:  # closed at the end: unacked letters go back
+            dlq = topology_of(app).queue(name)(channel)
+            bound = 2 * int(dlq.queue_declare(passive=True).message_count) + 1000
+            for _ in range(bound):
+                message = dlq.get(no_ack=False)
+                if message is None:
+                    break
+                letter = _describe(message)
+                if wanted(letter) and (limit is None or len(kept) < limit):
+                    kept.append(letter)
+    return kept
+
+
+@dataclass(frozen=True)
+class Found:
+    """A dead letter of a request, and the DLQ it is in."""
+
+    dlq: str
+    letter: DeadLetter
+
+
+def find_dead_letters(app: Celery, request_id: str) -> list[Found]:
+    """Every dead letter carrying request_id, in every DLQ, each left where it is (as
+    :func:`dead_letters` looks). A DLQ not declared on the broker holds none.
+
+    Raises the broker's errors (unreachable, or AccessRefused for a user who may not read
+    the DLQs: the operator role may).
+    """
+    found = []
+    for queue in task_names():
+        try:
+            letters = _peek(app, dlq_name(queue), lambda letter: letter.request_id == request_id)
+        except NotFound:
+            continue
+        found += [Found(dlq_name(queue), letter) for letter in letters]
+    return found
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from mcard_tasks.config import Settings, get_settings
 from mcard_tasks.errors import ConfigurationError
 from mcard_tasks.flower import configure_flower_if_running
 from mcard_tasks.identity import check_identity
+from mcard_tasks.timings import install as install_timings
 from mcard_tasks.tls import broker_ssl_options
 from mcard_tasks.topology import EXCHANGE, build_topology
 
@@ -173,9 +174,14 @@ def create_app(settings: Settings | None = None) -> MCardApp:
     app.steps["worker"].add(RelayOutbox)
     # Remote control takes inspect commands only: a revoke would drop a request.
     app.steps["consumer"].add(InspectOnlyControl)
+    install_timings(app, settings)
     signals.after_setup_logger.connect(
         lambda **_: quiet_task_lines(settings), weak=False, dispatch_uid="mcard-task-lines"
     )
+    if settings.tracing:  # off: OpenTelemetry is not imported at all
+        from mcard_tasks.tracing import instrument
+
+        instrument()
     return app
 
 

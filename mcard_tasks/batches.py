@@ -52,6 +52,7 @@ from mcard_tasks.ledger import get_ledger
 from mcard_tasks.ledger_batch import apply_batch
 from mcard_tasks.legacy import LEGACY_HEADER
 from mcard_tasks.payloads import Payload, check_request_id
+from mcard_tasks.timings import TASK_DURATION, observe
 
 __all__ = ["Batcher", "batch_prefetch", "run_batch"]
 
@@ -79,12 +80,17 @@ def batch_prefetch(settings: Settings) -> int:
 def run_batch(settings: Settings, task: str, requests: list[tuple[str, Payload]]) -> Any:
     """In the pool: apply requests together; their outcome JSON by request ID. Never raises:
     a batch that fails as a whole answers {} and every request goes on alone."""
+    started = time.perf_counter()
     try:
         ledger = get_ledger(settings.database_url, migrate=settings.migrate)
-        return apply_batch(ledger, task, requests, configured_issuer(settings))
+        decided = apply_batch(ledger, task, requests, configured_issuer(settings))
     except Exception as exc:  # any failure: the per-request path retries or dead-letters
         logger.warning("a batch of %d %s failed (%s); each goes on alone", len(requests), task, exc)
         return {}
+    spent = time.perf_counter() - started
+    for _ in decided:  # each request the batch decided ran for the batch's time
+        observe(TASK_DURATION, task, spent)
+    return decided
 
 
 @dataclass

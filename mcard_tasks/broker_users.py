@@ -65,7 +65,10 @@ def definitions(
     ]
     granted = []
     for role, name in users.items():
-        allowed = permissions(role)
+        try:
+            allowed = permissions(role, name)
+        except ValueError as exc:  # a subscriber name that cannot have queues of its own
+            raise ConfigurationError(str(exc)) from exc
         granted.append(
             {
                 "user": name,

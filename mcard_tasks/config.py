@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     #: (every task) and ``task=user`` entries for one task (``mcard.single_burn=support``).
     #: Empty: every user the broker lets publish. The worker's own user is always allowed.
     producers: str = ""
+    #: Worker timings (mcard_tasks.timings): a directory where every worker process writes
+    #: its histograms (prometheus_client's multiprocess files), merged by ``mcard-tasks
+    #: metrics``. Unset: no timings are kept, nothing is written.
+    metrics_dir: str | None = None
+    #: OpenTelemetry traces (mcard_tasks.tracing): publish, run and ledger spans, exported as
+    #: the standard OTEL_* variables say. Off: OpenTelemetry is not even imported.
+    tracing: bool = False
 
     @property
     def spec_modules(self) -> list[str]:
@@ -192,6 +199,11 @@ class Settings(BaseSettings):
         return bool(self.broker_urls) and all(
             url.lower().startswith("amqps://") for url in self.broker_urls
         )
+
+    @field_validator("metrics_dir", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level")
     @classmethod

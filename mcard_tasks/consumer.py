@@ -39,7 +39,12 @@ from mcard_tasks.batches import Batcher, batch_prefetch
 from mcard_tasks.config import settings_of
 from mcard_tasks.deadletter import dead_letter, source_queue
 from mcard_tasks.errors import InvalidLegacyMessageError
-from mcard_tasks.identity import ProducerPolicy, producer_policy
+from mcard_tasks.identity import (
+    ProducerPolicy,
+    broker_user,
+    producer_policy,
+    request_producers,
+)
 from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.legacy import LegacyRequest, republish, translate
 from mcard_tasks.limits import guarded
@@ -87,7 +92,9 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         settings = settings_of(self.app)
         #: The worker's batches (None with MCARD_BATCH=false).
-        self.batcher = Batcher(self, settings) if settings.batch else None
+        # Traces follow each request through Celery's run (MCARD_TRACING): no batches then.
+        batches = settings.batch and not settings.tracing
+        self.batcher = Batcher(self, settings) if batches else None
         given = int(kwargs.get("initial_prefetch_count") or 0)  # 0: prefetch unlimited
         if self.batcher is not None and given:
             self.initial_prefetch_count = max(given, batch_prefetch(settings))
@@ -221,7 +228,7 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
         """Republish the request's task message, then ack the original (never before: a
         crash in between republishes it, and the ledger makes the copy a replay)."""
         try:
-            republish(self.app, request)
+            republish(self.app, request, request_producers(message, broker_user(self.app)))
         except Exception as exc:  # any publish failure: never lose the original
             if not message.delivery_info.get("redelivered"):
                 # A passing broker failure (a leader election, a nack): once more, later.

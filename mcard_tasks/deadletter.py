@@ -23,7 +23,13 @@ from celery.exceptions import Reject
 from celery.worker.request import Request
 
 from mcard_tasks.confirms import publish_confirmed
-from mcard_tasks.identity import PRODUCER_HEADER, UNAUTHORIZED_PRODUCER, producer_of
+from mcard_tasks.identity import (
+    PRODUCER_HEADER,
+    UNAUTHORIZED_PRODUCER,
+    broker_dead_lettered,
+    broker_user,
+    request_producers,
+)
 from mcard_tasks.specs import task_names
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
 
@@ -68,8 +74,16 @@ def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
     headers = dict(message.headers or {})
     headers[REASON_HEADER] = reason[:_REASON_MAX]
     # The letter is published as the worker's user: who published the request travels here
-    # (written over whatever the message carried), for dlq replay to check.
-    headers[PRODUCER_HEADER] = producer_of(message) or ""
+    # (written over whatever the message carried), for dlq replay to check; an x-death of a
+    # task queue on a message the worker took is a publisher's forgery (a replay drops the
+    # broker's), and would make dlq replay read the letter as the broker's.
+    headers[PRODUCER_HEADER] = request_producers(message, broker_user(app))
+    tasks = frozenset(task_names())
+    if broker_dead_lettered(headers, tasks):
+        deaths = headers.pop("x-death")
+        kept = [death for death in deaths if not broker_dead_lettered({"x-death": [death]}, tasks)]
+        if kept:
+            headers["x-death"] = kept
     properties = message.properties or {}
     # Bounded: a blocked broker makes this fail (then the message is rejected and RabbitMQ
     # dead-letters it) instead of stalling the worker.

@@ -30,7 +30,9 @@ from kombu.messaging import Consumer
 
 from mcard_tasks.config import settings_of
 from mcard_tasks.confirms import ConfirmWindow
+from mcard_tasks.identity import broker_user
 from mcard_tasks.ledger import Ledger, get_ledger
+from mcard_tasks.roles import subscriber_queue_prefix
 from mcard_tasks.topology import EVENTS_EXCHANGE, build_topology
 
 __all__ = ["Event", "OutboxRelay", "Subscription", "subscribe"]
@@ -328,8 +330,12 @@ def subscribe(
     if queue:
         bound = Queue(queue, exchange, routing_key=pattern, durable=True, auto_delete=False)
     else:
+        # Named after the broker user: a subscriber user's permissions cover its own queues
+        # (a user with a dot in its name has none: the shared prefix, mcard.events.).
+        user = broker_user(app)
+        prefix = subscriber_queue_prefix(None if "." in user else user)
         bound = Queue(
-            f"mcard.events.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
+            f"{prefix}{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
             exchange,
             routing_key=pattern,
             exclusive=True,

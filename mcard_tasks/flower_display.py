@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import time
 from collections.abc import Callable
 from types import FunctionType
 from typing import Any, NamedTuple
@@ -31,6 +32,8 @@ __all__ = [
 
 #: Outcomes read from the ledger for results Celery cut short; final, so they are kept.
 _KEPT_OUTCOMES = 10_000
+#: Seconds without ledger lookups after one failed.
+_PAUSE_AFTER_FAILURE = 30.0
 
 
 class Outcome(NamedTuple):
@@ -98,15 +101,21 @@ def task_formatter(lookup: Lookup | None = None) -> FunctionType:
             once per request ID; None: such a task keeps its state.
     """
     known: dict[str, Outcome | None] = {}
+    failed_at: list[float] = []  # when the ledger last failed a lookup
 
     def recorded(request_id: str) -> Outcome | None:
         if lookup is None or not request_id:
             return None
         if request_id not in known:
+            if failed_at and time.monotonic() - failed_at[-1] < _PAUSE_AFTER_FAILURE:
+                return None  # Flower's one event loop must not wait on a ledger that is down
             try:
                 found = lookup(request_id)
             except MCardError:
-                return None  # the ledger is unavailable: this refresh shows Celery's state
+                # Unavailable: Celery's state, and no lookup for a while (each could block
+                # Flower for the database's connect timeout).
+                failed_at[:] = [time.monotonic()]
+                return None
             if len(known) >= _KEPT_OUTCOMES:
                 known.clear()
             known[request_id] = _outcome_of(found)

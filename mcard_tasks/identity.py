@@ -11,10 +11,11 @@ worker's own broker user is always allowed: its retries and the task messages it
 for legacy messages carry it. Unset, the worker executes what the broker let anyone publish.
 The producer is checked before anything else the worker looks at (limits, task name, body).
 
-A dead letter the worker made carries the worker's ``user_id``; the original producer travels
-in :data:`PRODUCER_HEADER` (:func:`letter_producer` reads it). ``dlq replay`` publishes with
-the operator's ``user_id`` and that header, and the worker checks both: a request whose
-producer was refused never runs through a replay, whoever replays it.
+What the worker republishes (a retry, a legacy message's task message, a dead letter) carries
+the worker's ``user_id``; the request's original producers travel in :data:`PRODUCER_HEADER`
+(:func:`request_producers` writes it, :func:`letter_producers` reads a dead letter's).
+``dlq replay`` publishes with the operator's ``user_id`` and that header, and the worker checks
+both: a request whose producer was refused never runs through a replay, whoever replays it.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ __all__ = [
     "PRODUCER_HEADER",
     "UNAUTHORIZED_PRODUCER",
     "ProducerPolicy",
+    "broker_dead_lettered",
     "broker_user",
     "check_identity",
-    "letter_producer",
+    "letter_producers",
     "producer_policy",
+    "request_producers",
+    "retry_producers",
+    "split_producers",
     "user_of_url",
 ]
 
@@ -109,15 +114,17 @@ class ProducerPolicy:
 
     def message_refusal(self, message: Any, task: str | None) -> str | None:
         """Why the worker must not take message, or None: its user_id may not publish task
-        (task None: a legacy message or an unknown task, any task), nor may the original
-        producer a replay names in :data:`PRODUCER_HEADER`."""
+        (task None: a legacy message or an unknown task, any task), nor may every producer
+        :data:`PRODUCER_HEADER` names (the request's original producers: a replay's, a
+        retry's, a legacy republish's)."""
         refusal = self._refusal_of(task, producer_of(message))
         headers = message.headers or {}
         if refusal is None and PRODUCER_HEADER in headers:
-            original = _text(headers[PRODUCER_HEADER]) or None
-            refusal = self._refusal_of(task, original)
-            if refusal is not None:
-                refusal += f" (the original producer of this replay, {PRODUCER_HEADER})"
+            originals: list[str | None] = [*split_producers(headers[PRODUCER_HEADER])]
+            for original in originals or [None]:
+                refusal = self._refusal_of(task, original)
+                if refusal is not None:
+                    return f"{refusal} (the request's original producer, {PRODUCER_HEADER})"
         return refusal
 
     def _refusal_of(self, task: str | None, user: str | None) -> str | None:
@@ -138,22 +145,63 @@ def producer_of(message: Any) -> str | None:
     return _text(user) or None
 
 
-def letter_producer(message: Any, task_queues: frozenset[str]) -> str | None:
-    """Who published the request a dead letter holds (None: nobody named).
+def split_producers(value: object) -> list[str]:
+    """The user names a :data:`PRODUCER_HEADER` value lists (comma-separated; [] for none)."""
+    return [name for name in (part.strip() for part in _text(value).split(",")) if name]
 
-    A letter the broker dead-lettered from a task queue (an ``x-death`` entry of one of
-    task_queues: a reject, the delivery limit) keeps its properties: its user_id is the
-    producer's, and a :data:`PRODUCER_HEADER` it carries came from the producer, so it is
-    ignored. Any other letter was republished by the worker, which wrote the header over
-    whatever the message carried.
+
+def request_producers(message: Any, own: str | None) -> str:
+    """The :data:`PRODUCER_HEADER` value for what the worker republishes of message (a retry,
+    a legacy message's task message, a dead letter): every producer that vouched for the
+    request, comma-separated, "" for none. That is the names the message's header lists and
+    its user_id, unless that is own (the worker's user) and the header names someone: the
+    worker published it (only it can publish with its user_id) and wrote that header."""
+    headers = message.headers or {}
+    names = set(split_producers(headers.get(PRODUCER_HEADER)))
+    user = producer_of(message)
+    if user is not None and (user != own or not names):
+        names.add(user)  # own only if nobody else is named: the worker's user published it
+    return ",".join(sorted(names))
+
+
+@dataclass(frozen=True)
+class _Delivered:
+    headers: Mapping[str, Any]
+    properties: Mapping[str, Any]
+
+
+def retry_producers(request: Any, own: str) -> str:
+    """:func:`request_producers` of the task request the worker is running (Celery's request
+    context: its message's properties, and its headers as attributes), for its retry."""
+    header = getattr(request, PRODUCER_HEADER, None)
+    headers = {} if header is None else {PRODUCER_HEADER: header}
+    return request_producers(_Delivered(headers, getattr(request, "properties", None) or {}), own)
+
+
+def letter_producers(message: Any, task_queues: frozenset[str]) -> list[str]:
+    """Who published the request a dead letter holds ([]: nobody named).
+
+    A letter the worker made (published as its own user) names the request's producers in
+    :data:`PRODUCER_HEADER`, written over whatever the message carried; the worker also drops
+    any ``x-death`` of a task queue a message carried (only a publisher's forgery can reach
+    the worker with one). So a letter with an ``x-death`` entry of one of task_queues was
+    dead-lettered by the broker (a reject, the delivery limit) and keeps its properties: its
+    user_id published it, vouching for the names of a header it carries too.
     """
     headers = message.headers or {}
+    if broker_dead_lettered(headers, task_queues):
+        names = set(split_producers(headers.get(PRODUCER_HEADER)))
+        user = producer_of(message)
+        return sorted(names | {user}) if user is not None else []
+    return split_producers(headers.get(PRODUCER_HEADER))
+
+
+def broker_dead_lettered(headers: Mapping[str, Any], task_queues: frozenset[str]) -> bool:
+    """Whether headers hold an ``x-death`` entry of one of task_queues."""
     deaths = headers.get("x-death") or []
-    if isinstance(deaths, list) and any(
+    return isinstance(deaths, list) and any(
         isinstance(death, dict) and _text(death.get("queue")) in task_queues for death in deaths
-    ):
-        return producer_of(message)
-    return _text(headers.get(PRODUCER_HEADER)) or None
+    )
 
 
 def parse_producers(text: str) -> tuple[frozenset[str], dict[str, frozenset[str]]]:

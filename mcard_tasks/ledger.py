@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from time import perf_counter
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
@@ -33,17 +35,27 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from mcard_tasks import tracing
 from mcard_tasks.database import autocommit_engine_for, engine_for
 from mcard_tasks.errors import ConflictError, LedgerUnavailableError
 from mcard_tasks.issuers import Issuer, LedgerIssuer
-from mcard_tasks.models import Card, LegacyCount, Operation, OutboxEvent, TaskState
+from mcard_tasks.models import (
+    Card,
+    LegacyCount,
+    Operation,
+    OutboxEvent,
+    ReplayCount,
+    TaskState,
+)
 from mcard_tasks.payloads import Payload, canonical_json, fingerprint
 from mcard_tasks.rules import Verdict, now
 from mcard_tasks.specs import TaskSpec, spec_for
+from mcard_tasks.timings import ISSUER_CALL, LEDGER_APPLY, observe
 
 __all__ = ["Ledger", "PendingEvents", "event_routing_key", "get_ledger"]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # A concurrent claim of the same request ID or card makes the loser's transaction fail on a
 # unique key; it then starts again and finds the winner's row. Bounded, in case of a bug.
@@ -53,6 +65,7 @@ OPERATIONS = cast(Table, Operation.__table__)
 OUTBOX = cast(Table, OutboxEvent.__table__)
 TASK_STATES = cast(Table, TaskState.__table__)
 LEGACY_COUNTS = cast(Table, LegacyCount.__table__)
+REPLAY_COUNTS = cast(Table, ReplayCount.__table__)
 #: What is recorded for a request ID: read by a replay and by the pre-publish conflict check.
 _KNOWN = select(OPERATIONS.c.fingerprint, OPERATIONS.c.status, OPERATIONS.c.outcome).where(
     OPERATIONS.c.request_id == bindparam("request_id")
@@ -86,12 +99,14 @@ class _Statements:
     finalize_cards: Any  # the reserved cards' final status
     save_state: Any  # upsert of a task state
     count_legacy: Any  # upsert adding one executed legacy message of a task and key
+    count_replay: Any  # upsert adding one replay absorbed for a task
 
     @classmethod
     def build(cls, dialect: str) -> _Statements:
         insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
         states = insert_(TASK_STATES)
         counts = insert_(LEGACY_COUNTS)
+        replays = insert_(REPLAY_COUNTS)
         return cls(
             claim=insert_(OPERATIONS)
             .on_conflict_do_nothing(index_elements=["request_id"])
@@ -122,6 +137,13 @@ class _Statements:
                 set_={
                     "executed": LEGACY_COUNTS.c.executed + 1,
                     "last_executed_at": counts.excluded.last_executed_at,
+                },
+            ),
+            count_replay=replays.on_conflict_do_update(
+                index_elements=["task"],
+                set_={
+                    "absorbed": REPLAY_COUNTS.c.absorbed + 1,
+                    "last_replayed_at": replays.excluded.last_replayed_at,
                 },
             ),
         )
@@ -278,19 +300,33 @@ class Ledger:
         LedgerUnavailableError when the database cannot be reached, and the issuer's
         TransientError as is.
         """
-        spec, issuer = spec_for(task), issuer or LedgerIssuer()
-        digest = fingerprint(spec.name, payload)
-        if not issuer.external and self._autocommit is not None and spec.fast_effect:
-            outcome_json = self._record_success(spec, request_id, payload, digest)
+        # A span of the ledger's work while tracing is on (MCARD_TRACING); a no-op otherwise.
+        with tracing.span("mcard.ledger.apply", request_id, task):
+            return self._apply(spec_for(task), request_id, payload, issuer or LedgerIssuer())
+
+    def _apply(self, spec: TaskSpec, request_id: str, payload: Payload, issuer: Issuer) -> str:
+        started, called = perf_counter(), 0.0
+        try:
+            digest = fingerprint(spec.name, payload)
+            if not issuer.external and self._autocommit is not None and spec.fast_effect:
+                outcome_json = self._record_success(spec, request_id, payload, digest)
+                if outcome_json is not None:
+                    return outcome_json
+            outcome_json = self._retry_claims(
+                lambda: self._claim(spec, request_id, payload, digest, issuer.external)
+            )
             if outcome_json is not None:
                 return outcome_json
-        outcome_json = self._retry_claims(
-            lambda: self._claim(spec, request_id, payload, digest, issuer.external)
-        )
-        if outcome_json is not None:
-            return outcome_json
-        spec.issue(issuer, request_id, payload)
-        return self._retry_claims(lambda: self._complete(spec, request_id, payload))
+            call = perf_counter()
+            try:
+                with tracing.span("mcard.issuer.issue", request_id, spec.name):
+                    spec.issue(issuer, request_id, payload)
+            finally:
+                called = perf_counter() - call
+                observe(ISSUER_CALL, spec.name, called)
+            return self._retry_claims(lambda: self._complete(spec, request_id, payload))
+        finally:
+            observe(LEDGER_APPLY, spec.name, perf_counter() - started - called)
 
     def _record_success(
         self, spec: TaskSpec, request_id: str, payload: Payload, digest: str
@@ -362,7 +398,10 @@ class Ledger:
         except _AlreadyClaimed:
             pass
         status_, outcome_json = self._known(spec, request_id, digest)
-        return None if status_ == "pending" else outcome_json
+        if status_ == "pending":
+            return None
+        self._count_replay(spec.name)
+        return outcome_json
 
     def _known(self, spec: TaskSpec, request_id: str, digest: str) -> tuple[str, str]:
         """The recorded status and outcome JSON of a claimed request ID.
@@ -400,7 +439,26 @@ class Ledger:
                 )
                 _record(connection, spec, request_id, verdict, outcome_json, recorded_at)
                 return outcome_json
-        return self._known(spec, request_id, fingerprint(spec.name, payload))[1]
+        outcome_json = self._known(spec, request_id, fingerprint(spec.name, payload))[1]
+        self._count_replay(spec.name)  # another delivery completed it meanwhile
+        return outcome_json
+
+    def _count_replay(self, task: str) -> None:
+        """Count one replay absorbed (its own statement, on the replay path only, so a new
+        request's path is left as it is). Best effort: the stored outcome is the answer, and
+        a count must never fail (or retry) the request."""
+        values = {"task": task, "absorbed": 1, "last_replayed_at": now()}
+        try:
+            with self._transaction() as connection:
+                connection.execute(_statements(connection).count_replay, values)
+        except (LedgerUnavailableError, DBAPIError) as exc:
+            logger.warning("replay of %s not counted: %s", task, exc)
+
+    def replay_counts(self) -> dict[str, int]:
+        """Replays absorbed by task (mcard_replays_total)."""
+        query = select(REPLAY_COUNTS.c.task, REPLAY_COUNTS.c.absorbed)
+        with _unavailable(), self._reader.connect() as connection:
+            return {str(row[0]): int(row[1]) for row in connection.execute(query)}
 
     def check(self, task: str, request_id: str, payload: Payload) -> str | None:
         """The stored outcome if this very request is recorded, None if the ID is new.

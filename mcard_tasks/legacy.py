@@ -22,6 +22,7 @@ from celery import Celery
 
 from mcard_tasks.confirms import publish_confirmed
 from mcard_tasks.errors import InvalidLegacyMessageError, InvalidRequestError
+from mcard_tasks.identity import PRODUCER_HEADER
 from mcard_tasks.messages import task_message
 from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.specs import SPECS, TaskSpec, spec_for_key
@@ -123,8 +124,9 @@ def _payload(spec: TaskSpec | None, data: object, problems: list[str]) -> Payloa
         return None
 
 
-def republish(app: Celery, request: LegacyRequest) -> None:
-    """Publish the task message ``delay()`` would publish for request, with LEGACY_HEADER.
+def republish(app: Celery, request: LegacyRequest, producers: str) -> None:
+    """Publish the task message ``delay()`` would publish for request, with LEGACY_HEADER and
+    the legacy message's producers (mcard_tasks.identity.PRODUCER_HEADER).
 
     Confirmed by the broker within MCARD_PUBLISH_TIMEOUT, or it raises: a blocked broker
     fails it instead of stalling the consumer.
@@ -137,7 +139,7 @@ def republish(app: Celery, request: LegacyRequest) -> None:
         message.body,
         exchange=message.exchange,
         routing_key=message.routing_key,
-        headers={**message.headers, LEGACY_HEADER: request.key},
+        headers={**message.headers, LEGACY_HEADER: request.key, PRODUCER_HEADER: producers},
         serializer=None,
         **message.properties,
     )

@@ -8,7 +8,15 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, DateTime, Index, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Card", "LegacyCount", "Operation", "OutboxEvent", "TaskState"]
+__all__ = [
+    "Base",
+    "Card",
+    "LegacyCount",
+    "Operation",
+    "OutboxEvent",
+    "ReplayCount",
+    "TaskState",
+]
 
 
 class Base(DeclarativeBase):
@@ -80,3 +88,14 @@ class LegacyCount(Base):
     legacy_key: Mapped[str] = mapped_column(String(128), primary_key=True)
     executed: Mapped[int] = mapped_column(BigInteger)
     last_executed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ReplayCount(Base):
+    """How many deliveries of a task found their request ID recorded and got its stored
+    outcome back (replays, redeliveries, duplicates absorbed): ``mcard_replays_total``."""
+
+    __tablename__ = "replays"
+
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    absorbed: Mapped[int] = mapped_column(BigInteger)
+    last_replayed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

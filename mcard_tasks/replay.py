@@ -7,7 +7,7 @@ mcard_tasks.specs), or a valid legacy message of that queue (mcard_tasks.legacy,
 worker's consumer translates it). A letter dead-lettered for its producer (reason starting with
 :data:`~mcard_tasks.deadletter.UNAUTHORIZED_PRODUCER`) is never replayed, whoever replays it.
 With MCARD_PRODUCERS set where the replay runs, neither is a letter whose original producer
-(:func:`~mcard_tasks.identity.letter_producer`) may not publish its task, or that names none:
+(:func:`~mcard_tasks.identity.letter_producers`) may not publish its task, or that names none:
 the replayed message carries the operator's user_id, which the worker would otherwise trust.
 
 A replayed message starts afresh: Celery's ``retries`` is 0, no ``eta``/``countdown``, none of
@@ -27,7 +27,7 @@ from typing import Any
 
 from mcard_tasks.deadletter import REASON_HEADER, UNAUTHORIZED_PRODUCER
 from mcard_tasks.errors import InvalidRequestError
-from mcard_tasks.identity import PRODUCER_HEADER, ProducerPolicy, letter_producer
+from mcard_tasks.identity import PRODUCER_HEADER, ProducerPolicy, letter_producers
 from mcard_tasks.legacy import LEGACY_HEADER, translate
 from mcard_tasks.payloads import check_request_id
 from mcard_tasks.specs import spec_for, task_names, validate_payload
@@ -48,9 +48,11 @@ def replay_problem(message: Any, queue: str, policy: ProducerPolicy | None = Non
     if reason.startswith(UNAUTHORIZED_PRODUCER):
         return f"dead-lettered as {UNAUTHORIZED_PRODUCER!r}: never replayed"
     if policy is not None:
-        refusal = policy.refusal(queue, letter_producer(message, frozenset(task_names())))
-        if refusal is not None:
-            return f"{refusal}: never replayed"
+        producers: list[str | None] = [*letter_producers(message, frozenset(task_names()))]
+        for producer in producers or [None]:
+            refusal = policy.refusal(queue, producer)
+            if refusal is not None:
+                return f"{refusal}: never replayed"
     if message.content_type != JSON:
         return f"content type {message.content_type!r}: only {JSON} messages are replayed"
     try:
@@ -102,7 +104,7 @@ def replayed_headers(message: Any) -> dict[str, Any]:
         for k, v in headers.items()
         if (not k.startswith("x-") or k == LEGACY_HEADER) and k != "countdown"
     }
-    fresh[PRODUCER_HEADER] = letter_producer(message, frozenset(task_names())) or ""
+    fresh[PRODUCER_HEADER] = ",".join(letter_producers(message, frozenset(task_names())))
     if "task" in fresh:
         fresh["retries"] = 0
         fresh["eta"] = None

@@ -23,6 +23,7 @@ from celery.utils.log import get_task_logger
 from kombu.exceptions import LimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from mcard_tasks import tracing
 from mcard_tasks.config import settings_of
 from mcard_tasks.errors import (
     BrokerUnavailableError,
@@ -31,7 +32,7 @@ from mcard_tasks.errors import (
     LedgerUnavailableError,
     TransientError,
 )
-from mcard_tasks.identity import broker_user
+from mcard_tasks.identity import PRODUCER_HEADER, broker_user, retry_producers
 from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.legacy import LEGACY_HEADER
@@ -41,11 +42,14 @@ from mcard_tasks.payloads import Payload, check_request_id, validate_fields
 from mcard_tasks.request_outbox import Database, outbox_message, write_request
 from mcard_tasks.sent_events import sent_events
 from mcard_tasks.specs import TaskSpec
+from mcard_tasks.timings import TASK_DURATION, observe
 from mcard_tasks.topology import build_topology
 
 __all__ = ["RequestTask", "resolve_request_id"]
 
 logger = get_task_logger(__name__)
+#: The run span's outcome of a request the worker dead-letters (tracing.OUTCOME).
+DEAD_LETTERED = "dead-lettered"
 #: What a publish raises when the broker is stopped, unreachable, blocked or says no.
 PUBLISH_ERRORS = (OSError, KombuOperationalError, AMQPError, MessageNacked, TimeoutError)
 
@@ -125,6 +129,11 @@ class RequestTask(Task):  # type: ignore[misc]
         # Producer identity: RabbitMQ refuses a user_id other than the connection's user, so
         # the worker (MCARD_PRODUCERS) and event subscribers can trust it.
         options.setdefault("user_id", broker_user(self.app))
+        if not self.request.called_directly and self.request.id == request_id:
+            # A retry, published as the worker's user: the request's original producers go
+            # with it, and the worker checks them again (MCARD_PRODUCERS).
+            producers = retry_producers(self.request, broker_user(self.app))
+            options["headers"] = {**(options.get("headers") or {}), PRODUCER_HEADER: producers}
         publish = partial(super().apply_async, args=(), kwargs=published, task_id=request_id)
         if options.get("producer") is not None:  # the caller manages its own producer
             return publish(**options)
@@ -201,19 +210,25 @@ class RequestTask(Task):  # type: ignore[misc]
         The fields are validated in run (``accept``), which Celery wraps with the automatic
         retry of transient errors.
         """
+        tracing.annotate(self.request.id, self.name)  # the run span names its request
+        started = time.perf_counter()
         try:
-            if args:
-                raise InvalidRequestError(["args: positional arguments are not accepted"])
-            check_request_id(self.request.id)
-        except InvalidRequestError as exc:
-            raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
-        return self.run(**kwargs)
+            try:
+                if args:
+                    raise InvalidRequestError(["args: positional arguments are not accepted"])
+                check_request_id(self.request.id)
+            except InvalidRequestError as exc:
+                raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
+            return self.run(**kwargs)
+        finally:
+            observe(TASK_DURATION, self.name, time.perf_counter() - started)
 
     def accept(self, fields: dict[str, Any]) -> Payload:
         """Worker side: the request's payload, or a rejection into the DLQ with the reason."""
         try:
             return self.validate(fields)
         except InvalidRequestError as exc:
+            tracing.annotate(self.request.id, self.name, DEAD_LETTERED)
             raise Reject(str(exc), requeue=False) from exc
 
     def _count_legacy(self, ledger: Any, key: str) -> None:
@@ -244,9 +259,11 @@ class RequestTask(Task):  # type: ignore[misc]
                 self.name, self.request.id, payload, configured_issuer(settings)
             )
         except ConflictError as exc:
+            tracing.annotate(self.request.id, self.name, DEAD_LETTERED)
             raise Reject(str(exc), requeue=False) from exc  # dead-lettered, with the reason
         legacy_key = getattr(self.request, LEGACY_HEADER, None)
         if legacy_key is not None:  # translated from a legacy message (mcard_tasks.legacy)
             self._count_legacy(ledger, str(legacy_key))
         outcome: dict[str, Any] = json.loads(outcome_json)
+        tracing.annotate(self.request.id, self.name, str(outcome.get("outcome")))
         return outcome  # with MCARD_LOG_TASKS, Celery logs it: "Task ...[<request ID>] succeeded"

@@ -18,7 +18,7 @@ worker and by Flower, so those two keep configure on them, and on nothing else.
 | worker     | consume the task queues; publish dead letters, outcome events, retries |
 | monitor    | Flower: task events, inspect commands                               |
 | operator   | dead-letter queues (list, replay, purge), topology check, depths    |
-| subscriber | read outcome events on queues named ``mcard.events.*``               |
+| subscriber | read outcome events on its own queues, ``mcard.events.<user>.*``     |
 | deploy     | declare every exchange, queue and binding                           |
 """
 
@@ -38,7 +38,7 @@ from mcard_tasks.topology import (
     dlq_name,
 )
 
-__all__ = ["ROLES", "Permissions", "permissions"]
+__all__ = ["ROLES", "Permissions", "permissions", "subscriber_queue_prefix"]
 
 #: Celery's event exchange (task events for Flower, task-sent events of producers).
 CELERY_EVENTS = "celeryev"
@@ -76,8 +76,26 @@ def _names(names: Iterable[str]) -> list[str]:
     return [re.escape(name) for name in names]
 
 
-def permissions(role: str) -> Permissions:
-    """The permissions of role (one of ROLES), for the task kinds registered now."""
+def subscriber_queue_prefix(user: str | None) -> str:
+    """How the queues of subscriber user are named (``mcard.events.<user>.``): its
+    permissions cover those only, so no subscriber reads or deletes another's queue.
+    None: any subscriber queue (``mcard.events.``), shared by every such user.
+
+    A user with a dot in its name has none of its own: ``shop``'s prefix would cover
+    ``shop.eu``'s queues. ValueError says so."""
+    if not user:
+        return f"{EVENTS_EXCHANGE_NAME}."
+    if "." in user:
+        raise ValueError(
+            f"subscriber user {user!r}: a name with a dot cannot have queues of its own"
+            f" (another user's prefix would cover them); use a name without dots"
+        )
+    return f"{EVENTS_EXCHANGE_NAME}.{user}."
+
+
+def permissions(role: str, user: str | None = None) -> Permissions:
+    """The permissions of role (one of ROLES), for the task kinds registered now. user: the
+    broker user they are for (the subscriber's queues are named after it)."""
     tasks = _names(task_names())
     dlqs = _names(dlq_name(name) for name in task_names())
     exchange, dlx, events = _names([EXCHANGE_NAME, DEAD_LETTER_EXCHANGE_NAME, EVENTS_EXCHANGE_NAME])
@@ -100,7 +118,7 @@ def permissions(role: str) -> Permissions:
     if role == "operator":
         return Permissions(NOTHING, _any_of([exchange]), _any_of(dlqs))
     if role == "subscriber":
-        own = re.escape(EVENTS_EXCHANGE_NAME) + r"\..+"
+        own = re.escape(subscriber_queue_prefix(user)) + ".+"
         return Permissions(_any_of([own]), _any_of([own]), _any_of([events, own]))
     if role == "deploy":
         everything = _any_of([exchange, dlx, events, celeryev, *tasks, *dlqs, r"celery_delayed_.+"])

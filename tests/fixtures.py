@@ -177,7 +177,7 @@ def fresh_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
         return get_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     ledger = get_ledger(request.getfixturevalue("rules_postgresql_url"))
     with ledger.engine.begin() as connection:
-        connection.execute(text("TRUNCATE cards, operations, outbox, task_states"))
+        connection.execute(text("TRUNCATE cards, operations, outbox, task_states, replays"))
     return ledger
 
 

@@ -16,18 +16,29 @@ def broker() -> None:
 
 @broker.command("permissions")
 @click.argument("role", type=click.Choice(ROLES))
-def permissions(role: str) -> None:
+@click.option(
+    "--user",
+    default=None,
+    help="The broker user they are for: a subscriber's queues are then its own only"
+    " (mcard.events.USER.*); without it, every subscriber shares mcard.events.*.",
+)
+def permissions(role: str, user: str | None) -> None:
     """Print ROLE's RabbitMQ permissions: configure, write and read, tab-separated.
 
     \b
     For example:
       rabbitmqctl set_permissions -p mcard app $(mcard-tasks broker permissions producer)
+      rabbitmqctl set_permissions -p mcard shop \\
+          $(mcard-tasks broker permissions subscriber --user shop)
     (quote them in a shell that splits on more than tabs and spaces).
     """
     from mcard_tasks import app  # noqa: F401  (MCARD_SPECS' task kinds, registered)
     from mcard_tasks.roles import permissions as of_role
 
-    click.echo(of_role(role).line())
+    try:
+        click.echo(of_role(role, user).line())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--user") from exc
 
 
 @broker.command("definitions")

@@ -19,6 +19,7 @@ import pytest
 
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.payloads import SingleMintRequest
+from tests.fixtures import drain_dlq
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +74,8 @@ def test_invalid_requests_exit_2(vhost: str, tmp_path: Path, ledger: str) -> Non
             (["burn", "--card-id", "c-1", "--owner", "al\tice"], env),
             (["status", "white space"], env),
             (["import", lines(tmp_path, {"task": "single_mint", "owner": "x"})], env),
+            (["metrics", "--address", "0.0.0.0"], env),  # no credentials, not loopback
+            (["metrics"], env | {"MCARD_FLOWER_USER": "u", "MCARD_FLOWER_PASSWORD": "short"}),
         ],
     )
 
@@ -125,4 +128,31 @@ def test_an_unreachable_ledger_exits_5(vhost: str, tmp_path: Path) -> None:
 
 
 def test_a_request_without_an_outcome_exits_6(ledger: str) -> None:
-    assert_exit(6, [(["status", f"never-{uuid.uuid4().hex}"], {"MCARD_DATABASE_URL": ledger})])
+    never = f"never-{uuid.uuid4().hex}"
+    no_broker = {"MCARD_DATABASE_URL": ledger, "MCARD_BROKER_URL": NO_BROKER}
+    assert_exit(
+        6, [(["status", never], {"MCARD_DATABASE_URL": ledger}), (["status", never], no_broker)]
+    )
+
+
+def test_a_dead_lettered_request_exits_8(vhost: str, ledger: str) -> None:
+    from mcard_tasks import app
+    from mcard_tasks.admin import declare_topology
+    from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
+
+    declare_topology(app)
+    request_id = f"dead-{uuid.uuid4().hex}"
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            b"{not json",
+            exchange=DEAD_LETTER_EXCHANGE.name,
+            routing_key="mcard.single_mint",
+            headers={"task": "mcard.single_mint", "id": request_id, "x-mcard-reason": "test"},
+            content_type="application/json",
+            content_encoding="utf-8",
+            serializer=None,
+        )
+    try:
+        assert_exit(8, [(["status", request_id], {"MCARD_DATABASE_URL": ledger})])
+    finally:
+        drain_dlq("mcard.single_mint")

@@ -1,7 +1,8 @@
 """Each broker role's user on the real broker: it does its job, and nothing outside it.
 
 The module's own vhost holds one user per role of ``mcard-tasks broker permissions ROLE``
-(and an intruder with the producer's permissions, not listed in MCARD_PRODUCERS). Every
+(an intruder with the producer's permissions, not listed in MCARD_PRODUCERS, and an
+eavesdropper with a subscriber's permissions for its own queues). Every
 process but the deploy step runs with MCARD_DECLARE=false. The test process itself reads the
 dead-letter queues and the ledger to see what happened.
 """
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,9 @@ from tests.fixtures import CONSOLE_SCRIPT, ROOT, Worker, rabbitmqctl, recorded, 
 pytestmark = pytest.mark.integration
 HOST = "127.0.0.1:5672"
 QUEUE = "mcard.single_mint"
+#: Users with another role's permissions: a producer not in MCARD_PRODUCERS, and a second
+#: subscriber (its own queues only).
+IMPOSTORS = {"intruder": "producer", "eavesdropper": "subscriber"}
 
 
 @dataclass
@@ -46,9 +51,10 @@ class Realm:
     vhost: str
     passwords: dict[str, str]
     ledger_url: str
+    tag: str = SESSION
 
     def user(self, role: str) -> str:
-        return f"{role}-{SESSION}"
+        return f"{role}-{self.tag}"
 
     def url(self, role: str) -> str:
         return f"amqp://{self.user(role)}:{self.passwords[role]}@{HOST}/{self.vhost}"
@@ -103,18 +109,18 @@ def _add_user(user: str, password: str) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
-    vhost = f"mcard-roles-{SESSION}"
-    ledger = tmp_path_factory.mktemp("roles") / "ledger.sqlite3"
-    found = Realm(vhost, {}, f"sqlite:///{ledger}")
+@contextmanager
+def made_realm(tag: str, ledger: Path) -> Iterator[Realm]:
+    """A vhost with a user per role (named ROLE-tag), removed at the end."""
+    vhost = f"mcard-roles-{tag}"
+    found = Realm(vhost, {}, f"sqlite:///{ledger}", tag)
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     try:
-        for role in (*ROLES, "intruder"):
+        for role in (*ROLES, *IMPOSTORS):
             found.passwords[role] = secrets.token_hex(12)
             _add_user(found.user(role), found.passwords[role])
-            granted = permissions("producer" if role == "intruder" else role)
+            granted = permissions(IMPOSTORS.get(role, role), found.user(role))
             rabbitmqctl(
                 "set_permissions",
                 "-p",
@@ -129,6 +135,12 @@ def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
         for role in found.passwords:
             rabbitmqctl("delete_user", found.user(role))
         rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="module")
+def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
+    with made_realm(SESSION, tmp_path_factory.mktemp("roles") / "ledger.sqlite3") as found:
+        yield found
 
 
 def consumers(realm: Realm) -> dict[str, int]:
@@ -184,6 +196,23 @@ def publish(realm: Realm, role: str, message: Any, **changes: Any) -> None:
             headers=message.headers,
             retry=False,
             **properties,
+        )
+
+
+def oversized(message: Any) -> Any:
+    """message with a body over MCARD_MAX_BODY_BYTES (262,144): 300,009 bytes."""
+    return message._replace(body=b"[[], {" + b" " * 300_000 + b"}, {}]")
+
+
+def put_letter(realm: Realm, message: Any, **headers: Any) -> None:
+    """Put message into its DLQ as a dead letter with headers (as the administrator)."""
+    with realm.admin() as connection:
+        Producer(connection.default_channel).publish(
+            message.body,
+            exchange="mcard.dlx",
+            routing_key=QUEUE,
+            headers=dict(message.headers, **headers),
+            **{k: v for k, v in message.properties.items() if k != "user_id"},
         )
 
 
@@ -326,6 +355,29 @@ def test_a_forged_user_id_is_refused_by_the_broker(realm: Realm, worker: Worker)
     assert minted(realm, request_id) == 0
 
 
+def test_status_finds_a_refused_request_in_its_dlq_as_the_operator_not_as_the_producer(
+    realm: Realm, worker: Worker
+) -> None:
+    request_id = f"roles-status-{uuid.uuid4().hex}"
+    enqueue = realm.cli(
+        "intruder",
+        *("single-mint", "--owner", "mallory", "--card-id", f"card-{request_id}"),
+        *("--request-id", request_id),
+    )
+    assert enqueue.returncode == 0, enqueue.stderr
+    found = wait_for(
+        lambda: (done := realm.cli("operator", "status", request_id)).returncode == 8 and done,
+        30,
+        "the operator's status to find the refused request in its DLQ",
+        every=0.5,
+    )
+    assert f"dead-lettered in {QUEUE}.dlq: unauthorized producer" in found.stdout
+    as_producer = realm.cli("producer", "status", request_id)
+    assert as_producer.returncode == 6, as_producer.stdout + as_producer.stderr
+    assert "may not read them (the operator role may)" in as_producer.stderr
+    assert request_id in wait_for_letters(realm, 1), "the letter stayed in the DLQ"
+
+
 def test_unlisted_anonymous_and_builtin_messages_are_dead_lettered_with_no_effect(
     realm: Realm, worker: Worker
 ) -> None:
@@ -434,7 +486,7 @@ def test_the_definitions_file_creates_every_role_user_with_its_permissions() -> 
     path = Path(f"/tmp/mcard-definitions-{SESSION}.json")
     path.write_text(made.stdout)
     path.chmod(0o644)
-    expected = [f"{prefix}{role}\t{permissions(role).line()}" for role in ROLES]
+    expected = [f"{prefix}{role}\t{permissions(role, prefix + role).line()}" for role in ROLES]
     try:
         rabbitmqctl("import_definitions", str(path))
 
@@ -479,18 +531,8 @@ def test_an_operator_replays_valid_letters_only_never_an_unauthorized_one(
     wait_for(lambda: dlq_depth(realm) == 2, 30, "two dead letters")
     valid = f"roles-replay-valid-{uuid.uuid4().hex}"
     message = task_message(valid)
-    with realm.admin() as connection:  # as a retry-exhausted request would be
-        Producer(connection.default_channel).publish(
-            message.body,
-            exchange="mcard.dlx",
-            routing_key=QUEUE,
-            headers=dict(
-                message.headers,
-                **{"x-mcard-reason": "TransientError: ledger down"},
-                **{PRODUCER_HEADER: realm.user("producer")},
-            ),
-            **{k: v for k, v in message.properties.items() if k != "user_id"},
-        )
+    reason = {"x-mcard-reason": "TransientError: ledger down"}  # as a retry-exhausted request's
+    put_letter(realm, message, **reason, **{PRODUCER_HEADER: realm.user("producer")})
     wait_for(lambda: dlq_depth(realm) == 3, 30, "three dead letters")
 
     replayed = realm.cli("operator", "dlq", "replay", QUEUE)
@@ -510,8 +552,7 @@ def test_an_unlisted_producer_is_refused_before_the_limits_and_never_through_a_r
     message = task_message(far)
     publish(realm, "intruder", message._replace(headers=dict(message.headers, eta="2999-01-01")))
     big = f"roles-big-intruder-{uuid.uuid4().hex}"
-    message = task_message(big)
-    publish(realm, "intruder", message._replace(body=b"[[], {" + b" " * 300_000 + b"}, {}]"))
+    publish(realm, "intruder", oversized(task_message(big)))
     reasons = wait_for_letters(realm, 2)
     for request_id in (far, big):
         assert reasons[request_id] == (
@@ -522,14 +563,7 @@ def test_an_unlisted_producer_is_refused_before_the_limits_and_never_through_a_r
     forged = f"roles-forged-letter-{uuid.uuid4().hex}"
     message = task_message(forged)
     death = {"queue": QUEUE, "reason": "rejected", "count": 1, "exchange": "mcard"}
-    with realm.admin() as connection:
-        Producer(connection.default_channel).publish(
-            message.body,
-            exchange="mcard.dlx",
-            routing_key=QUEUE,
-            headers=dict(message.headers, **{"x-death": [death]}, **{PRODUCER_HEADER: "app"}),
-            **{k: v for k, v in message.properties.items() if k != "user_id"},
-        )
+    put_letter(realm, message, **{"x-death": [death], PRODUCER_HEADER: "app"})
     wait_for(lambda: dlq_depth(realm) == 1, 30, "the letter in the DLQ")
     # An operator with MCARD_PRODUCERS refuses it...
     listed = f"{realm.user('producer')},{realm.user('operator')}"
@@ -542,7 +576,7 @@ def test_an_unlisted_producer_is_refused_before_the_limits_and_never_through_a_r
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     reasons = wait_for_letters(realm, 1)
     assert reasons[forged].startswith(f"{UNAUTHORIZED_PRODUCER}: the message has no user_id")
-    assert f"(the original producer of this replay, {PRODUCER_HEADER})" in reasons[forged]
+    assert f"(the request's original producer, {PRODUCER_HEADER})" in reasons[forged]
     for request_id in (far, big, forged):
         assert minted(realm, request_id) == 0
 
@@ -557,9 +591,7 @@ def test_an_oversized_body_from_a_listed_producer_is_dead_lettered_undecoded(
 ) -> None:
     letters(realm)
     request_id = f"roles-big-{uuid.uuid4().hex}"
-    message = task_message(request_id)
-    big = message._replace(body=b"[[], {" + b" " * 300_000 + b"}, {}]")
-    publish(realm, "producer", big)
+    publish(realm, "producer", oversized(task_message(request_id)))
     reasons = wait_for_letters(realm, 1)
     assert reasons[request_id].startswith("body: the task message is 300")
     assert "over MCARD_MAX_BODY_BYTES=262144" in reasons[request_id]
@@ -596,3 +628,113 @@ def test_a_subscriber_reads_outcome_events_on_its_own_queue(realm: Realm, worker
         assert done.returncode == 0, done.stderr
         out, err = reader.communicate(timeout=60)
     assert reader.returncode == 0 and "mcard.single_mint" in out, err
+
+
+def test_a_subscriber_keeps_its_events_in_its_own_queue_which_no_other_may_touch(
+    realm: Realm, worker: Worker
+) -> None:
+    request_id = f"roles-own-{uuid.uuid4().hex}"
+    queue = f"mcard.events.{realm.user('subscriber')}.orders"
+    script = (
+        "from mcard_tasks import app\n"
+        "from mcard_tasks.events import subscribe\n"
+        f"with subscribe(app, queue={queue!r}, timeout=0.2) as events:\n"
+        "    next(events)\n"
+    )
+    realm.python("subscriber", script)  # declares and binds its durable queue
+    done = realm.cli(
+        "producer",
+        *("single-mint", "--owner", "erin", "--card-id", f"card-{request_id}"),
+        *("--request-id", request_id, "--wait", "30"),
+    )
+    assert done.returncode == 0, done.stderr
+    theirs = f"mcard.events.{realm.user('subscriber')}.mine-too"
+    for touch in (
+        lambda channel: channel.basic_get(queue),
+        lambda channel: channel.queue_delete(queue),
+        lambda channel: channel.queue_declare(theirs),
+    ):
+        with realm.connection("eavesdropper") as connection, pytest.raises(AccessRefused):
+            touch(connection.default_channel)
+    # The event waits in the subscriber's queue for it alone.
+    script = (
+        "import json\n"
+        "from mcard_tasks import app\n"
+        "from mcard_tasks.events import subscribe\n"
+        f"with subscribe(app, queue={queue!r}, timeout=1.0) as events:\n"
+        "    for _, event in zip(range(30), events):\n"
+        f"        if event is not None and event.request_id == {request_id!r}:\n"
+        "            print(json.dumps(event.routing_key))\n"
+        "            break\n"
+    )
+    assert "mcard.single_mint" in realm.python("subscriber", script).stdout
+    with realm.admin() as connection:
+        connection.default_channel.queue_delete(queue)
+
+
+def test_a_request_whose_retries_ran_out_is_replayed_by_an_operator_with_mcard_producers(
+    tmp_path: Path, worker_factory: Callable[..., Worker]
+) -> None:
+    """The worker's retries and dead letters are published as its own user: the request's
+    producer goes with them, so a real retry-exhausted letter names its producer, and the
+    operator's replay (refusing unlisted producers first) and the worker accept it."""
+    with made_realm(f"{SESSION}-retry", tmp_path / "ledger.sqlite3") as own:
+        own.cli("deploy", "topology", "declare").check_returncode()
+        listed = f"{own.user('producer')},{own.user('operator')}"
+        settings = {"broker_url": own.url("worker"), "declare": "false", "producers": listed}
+        failing = worker_factory(
+            own.ledger_url,
+            "roles-failing",
+            issuer="simulated",
+            issuer_latency_ms="0",
+            issuer_failure_rate="1.0",
+            max_retries="1",
+            **settings,
+        ).launch()
+        request_id = f"roles-retried-{uuid.uuid4().hex}"
+        done = own.cli(
+            "producer",
+            *("single-mint", "--owner", "frank", "--card-id", f"card-{request_id}"),
+            *("--request-id", request_id),
+        )
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: dlq_depth(own) == 1, 60, "the request's retries to run out")
+        failing.stop()
+        [letter] = peek_letters(own)
+        assert letter.headers["retries"] == 1, "it was retried once first"
+        assert letter.headers[PRODUCER_HEADER] == own.user("producer"), letter.headers
+        healthy = worker_factory(own.ledger_url, "roles-healthy", **settings).launch()
+        try:
+            replayed = own.cli("operator", "dlq", "replay", QUEUE, producers=listed)
+            assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+            wait_for(lambda: minted(own, request_id) == 1, 60, "the replayed request")
+        finally:
+            healthy.stop()
+
+
+def peek_letters(realm: Realm, queue: str = QUEUE) -> list[Any]:
+    """The letters of queue's DLQ, left in it."""
+    with realm.admin() as connection:
+        channel = connection.channel()
+        seen = []
+        while (message := channel.basic_get(f"{queue}.dlq", no_ack=False)) is not None:
+            seen.append(message)
+        channel.close()
+    return seen
+
+
+def test_a_forged_x_death_does_not_make_a_worker_made_letter_read_as_the_brokers(
+    realm: Realm, worker: Worker
+) -> None:
+    letters(realm)
+    request_id = f"roles-x-death-{uuid.uuid4().hex}"
+    message = task_message(request_id, owner="", card_id="x")  # invalid: dead-lettered
+    death = {"queue": QUEUE, "reason": "rejected", "count": 1, "exchange": "mcard"}
+    headers = dict(message.headers, **{"x-death": [death], PRODUCER_HEADER: "someone"})
+    publish(realm, "producer", message._replace(headers=headers))
+    wait_for(lambda: dlq_depth(realm) == 1, 30, "the letter")
+    [letter] = peek_letters(realm)
+    assert "x-death" not in letter.headers, "the forged task-queue x-death is dropped"
+    producers = letter.headers[PRODUCER_HEADER].split(",")
+    assert producers == sorted([realm.user("producer"), "someone"]), "both vouched"
+    letters(realm)

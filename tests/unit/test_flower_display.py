@@ -17,6 +17,7 @@ import pytest
 from celery.events.state import Task
 from celery.utils.saferepr import saferepr
 
+from mcard_tasks import flower_display
 from mcard_tasks.config import Settings
 from mcard_tasks.flower_display import (
     Outcome,
@@ -110,15 +111,19 @@ def test_a_result_cut_by_celery_is_read_from_the_ledger_once(ledger: Ledger) -> 
     assert shown(task_formatter(), cut) == "SUCCESS", "without a ledger: Celery's state"
 
 
-def test_an_unreachable_ledger_leaves_celerys_state_and_is_asked_again(ledger: Ledger) -> None:
+def test_an_unreachable_ledger_leaves_celerys_state_and_is_asked_again_after_a_pause(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
     long_ids = [f"card-{i:03d}-" + "z" * 100 for i in range(20)]
     outcome(ledger, SINGLE_MINT, "first", card_id=long_ids[0], owner="alice")
     cut = flower_task("batch", outcome(ledger, MINT, "batch", owner="bob", card_ids=long_ids))
     unreachable = Settings(database_url="postgresql://nobody@127.0.0.1:1/none", migrate=False)
     assert shown(task_formatter(ledger_lookup(unreachable)), cut) == "SUCCESS"
     recovered = [RuntimeError("unused")]
+    asked: list[str] = []
 
     def flaky(request_id: str) -> dict[str, Any] | None:
+        asked.append(request_id)
         if recovered:
             recovered.pop()
             return ledger_lookup(unreachable)(request_id)
@@ -126,7 +131,10 @@ def test_an_unreachable_ledger_leaves_celerys_state_and_is_asked_again(ledger: L
 
     format_task = task_formatter(flaky)
     assert shown(format_task, cut) == "SUCCESS", "the ledger is down: not cached"
+    assert shown(format_task, cut) == "SUCCESS" and asked == ["batch"], "no lookup for a while"
+    monkeypatch.setattr(flower_display, "_PAUSE_AFTER_FAILURE", 0.0)
     assert shown(format_task, cut) == "REJECTED: already_minted", "back: read again"
+    assert asked == ["batch", "batch"]
 
 
 def test_other_states_are_kept() -> None:

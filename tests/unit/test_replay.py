@@ -10,7 +10,12 @@ import pytest
 
 from mcard_tasks import app
 from mcard_tasks.deadletter import REASON_HEADER, UNAUTHORIZED_PRODUCER
-from mcard_tasks.identity import PRODUCER_HEADER, ProducerPolicy, letter_producer
+from mcard_tasks.identity import (
+    PRODUCER_HEADER,
+    ProducerPolicy,
+    letter_producers,
+    request_producers,
+)
 from mcard_tasks.legacy import LEGACY_HEADER
 from mcard_tasks.messages import task_message
 from mcard_tasks.payloads import SingleMintRequest
@@ -25,6 +30,12 @@ class Letter:
     headers: dict[str, Any] = field(default_factory=dict)
     content_type: str = "application/json"
     properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Delivered:
+    headers: dict[str, Any]
+    properties: dict[str, Any]
 
 
 def published(**headers: Any) -> Letter:
@@ -127,21 +138,44 @@ def _dead_lettered_by_the_broker(user: str | None, **headers: Any) -> Letter:
     return letter
 
 
-def test_the_producer_of_a_letter_is_the_workers_header_or_the_brokers_user_id() -> None:
+def test_the_producers_of_a_letter_are_the_workers_header_or_the_brokers_user_id() -> None:
     tasks = frozenset({QUEUE})
     made = published(**{PRODUCER_HEADER: "app"})
     made.properties = {"user_id": "worker"}
-    assert letter_producer(made, tasks) == "app"
-    assert letter_producer(published(**{PRODUCER_HEADER: ""}), tasks) is None
-    # Dead-lettered by the broker from the task queue: a header is the producer's own (ignored).
+    assert letter_producers(made, tasks) == ["app"]
+    assert letter_producers(published(**{PRODUCER_HEADER: "app,ops"}), tasks) == ["app", "ops"]
+    assert letter_producers(published(**{PRODUCER_HEADER: ""}), tasks) == []
+    # Dead-lettered by the broker from the task queue: its user_id published it, vouching for
+    # the header's names too (a forgery there only adds names that must be allowed).
     forged = _dead_lettered_by_the_broker("eve", **{PRODUCER_HEADER: "app"})
-    assert letter_producer(forged, tasks) == "eve"
-    assert letter_producer(_dead_lettered_by_the_broker(None), tasks) is None
+    assert letter_producers(forged, tasks) == ["app", "eve"]
+    assert letter_producers(_dead_lettered_by_the_broker(None), tasks) == []
     # An x-death of delayed delivery (not a task queue) does not make the user_id the producer.
     delayed = published(**{PRODUCER_HEADER: "app"})
     delayed.headers["x-death"] = [{"queue": "celery_delayed_3", "reason": "expired"}]
     delayed.properties = {"user_id": "worker"}
-    assert letter_producer(delayed, tasks) == "app"
+    assert letter_producers(delayed, tasks) == ["app"]
+
+
+@pytest.mark.parametrize(
+    ("user", "header", "expected"),
+    [
+        ("app", None, "app"),  # a producer's message
+        ("worker", "app", "app"),  # the worker's retry of it: the header it wrote
+        ("ops", "app", "app,ops"),  # an operator's replay of it: both vouch
+        ("app", "eve", "app,eve"),  # a producer naming another: both must be allowed
+        ("worker", None, "worker"),  # the worker's user published it (one user for all)
+        ("worker", "", "worker"),
+        (None, None, ""),
+        (None, "", ""),
+    ],
+)
+def test_what_the_worker_republishes_names_every_producer_of_the_request(
+    user: str | None, header: str | None, expected: str
+) -> None:
+    headers = {} if header is None else {PRODUCER_HEADER: header}
+    message = Delivered(headers, {"user_id": user} if user else {})
+    assert request_producers(message, "worker") == expected
 
 
 @pytest.mark.parametrize(
@@ -151,6 +185,7 @@ def test_the_producer_of_a_letter_is_the_workers_header_or_the_brokers_user_id()
         (published(**{PRODUCER_HEADER: ""}), "has no user_id"),
         (published(), "has no user_id"),
         (_dead_lettered_by_the_broker("eve", **{PRODUCER_HEADER: "app"}), "user 'eve'"),
+        (_dead_lettered_by_the_broker("app", **{PRODUCER_HEADER: "eve"}), "user 'eve'"),
         (_dead_lettered_by_the_broker(None), "has no user_id"),
     ],
 )
@@ -167,12 +202,6 @@ def test_with_mcard_producers_a_listed_producers_letter_is_replayed() -> None:
     assert replay_problem(_dead_lettered_by_the_broker("app"), QUEUE, _policy()) is None
 
 
-@dataclass
-class Delivered:
-    headers: dict[str, Any]
-    properties: dict[str, Any]
-
-
 @pytest.mark.parametrize(
     ("user", "header", "task", "refused"),
     [
@@ -180,7 +209,9 @@ class Delivered:
         ("eve", None, QUEUE, "user 'eve' may not publish mcard.single_mint"),
         (None, None, QUEUE, "has no user_id"),
         ("ops", "app", QUEUE, None),  # a replay of app's request
-        ("ops", "eve", QUEUE, "user 'eve' may not publish mcard.single_mint (the original"),
+        ("ops", "eve", QUEUE, "user 'eve' may not publish mcard.single_mint (the request's"),
+        ("ops", "app,eve", QUEUE, "user 'eve' may not publish mcard.single_mint (the request's"),
+        ("ops", "app,ops", QUEUE, None),
         ("ops", "", QUEUE, "has no user_id (MCARD_PRODUCERS is set"),
         ("app", None, None, None),  # a legacy message: its task is checked once translated
         ("eve", None, None, "user 'eve' may not publish any task"),

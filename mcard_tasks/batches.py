@@ -297,11 +297,18 @@ class Batcher:
             if self._buffers.get(batch.task) and (idle or batch.task not in self._timers):
                 self._flush(batch.task)  # none runs, or its wait is over and one just ended
         runtime = time.monotonic() - batch.started
+        # A decided request ID is its first message's (ledger_batch applies only the first of
+        # an ID): a later message of that ID, same payload or not, goes on alone (a replay,
+        # or a conflict dead-lettered), never acked as the first one's success.
+        firsts: dict[str, _Item] = {}
+        for item in batch.items:
+            firsts.setdefault(item.request_id, item)
         committed = [item for item in batch.items if item.request_id in decided]
+        committed = [item for item in committed if firsts[item.request_id] is item]
         self._ack(committed)
         lines = _success_lines.isEnabledFor(logging.INFO)
         for item in batch.items:
-            outcome = decided.get(item.request_id)
+            outcome = decided.get(item.request_id) if firsts[item.request_id] is item else None
             if outcome is None:
                 self._fall_back(batch.task, item)
                 continue
@@ -328,6 +335,12 @@ class Batcher:
             consumer.on_invalid_task(None, message, exc)
         except DecodeError as exc:
             consumer.on_decode_error(message, exc)
+        except Exception:  # anything else (a pool shutting down): this one comes back later
+            logger.exception("request %s could not go on alone; requeued", item.request_id)
+            try:
+                message.reject(requeue=True)
+            except Exception:  # the connection is going: it is redelivered anyway
+                logger.warning("could not requeue request %s", item.request_id)
 
     # --- events ----------------------------------------------------------------------------
 

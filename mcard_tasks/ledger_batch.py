@@ -93,16 +93,20 @@ def apply_batch(
 
 
 def _distinct(spec: TaskSpec, requests: Requests) -> Requests:
-    """The first request of each request ID and card: a later one waits for the per-request
-    path (after this batch commits it is a replay, or finds its card taken)."""
+    """The first request of each request ID, unless an earlier request took one of its
+    cards: the others wait for the per-request path (after this batch commits, a replay, a
+    conflict, or a card taken). Only ever the first of an ID: the batcher takes a decided ID
+    as its first message's (mcard_tasks.batches)."""
     ids: set[str] = set()
     cards: set[str] = set()
     chosen = []
     for request_id, payload in requests:
-        touched = spec.cards(payload)
-        if request_id in ids or cards.intersection(touched):
+        if request_id in ids:
             continue
         ids.add(request_id)
+        touched = spec.cards(payload)
+        if cards.intersection(touched):
+            continue
         cards.update(touched)
         chosen.append((request_id, payload))
     return chosen

@@ -37,6 +37,7 @@ from tests.integration.test_faults import (
 )
 
 pytestmark = pytest.mark.integration
+JSON = "application/json"
 
 
 class TaskEvents:
@@ -143,12 +144,15 @@ def test_bad_requests_inside_a_batch_get_their_own_outcome_or_dead_letter_and_th
     twice = f"twice-{run}"
     for _ in range(2):  # the same request twice in one batch
         single_mint.delay(card_id=twice, owner="alice", request_id=twice)
+    reused = f"reused-{run}"  # one new request ID, two payloads, in one batch: a conflict
+    for card, owner in ((reused, "alice"), (f"{reused}-b", "eve")):
+        publish_raw(celery_body(card_id=card, owner=owner), celery_headers(task_id=reused), JSON)
     publish_raw(celery_body(owner="o"), celery_headers(), "application/json")  # invalid
     publish_raw(b'[[], {"card_id": ', celery_headers(), "application/json")  # undecodable
     single_burn.delay(card_id=f"old-{run}", owner="alice", request_id=f"burn-{run}")
     more = send_mints(60)
     worker = make_worker(ledger_url, "batchmix2").start()
-    expected = [*good, *more, twice, f"rival-{run}", f"burn-{run}"]
+    expected = [*good, *more, twice, reused, f"rival-{run}", f"burn-{run}"]
     wait_for(lambda: recorded(ledger, expected) == len(expected), 60, "every outcome", every=0.2)
     assert_each_minted_exactly_once(ledger, good | more | {twice: twice})
     assert ledger.outcome(f"old-{run}") == stored, "the replay and the conflict changed nothing"
@@ -156,10 +160,13 @@ def test_bad_requests_inside_a_batch_get_their_own_outcome_or_dead_letter_and_th
     rival = ledger.outcome(f"rival-{run}")
     assert rival is not None and rival["reason"] == "already_minted"
     dead: list[Any] = []
-    wait_for(lambda: dead.extend(drain_dlq("mcard.single_mint")) or len(dead) >= 3, 30, "3 letters")
+    wait_for(lambda: dead.extend(drain_dlq("mcard.single_mint")) or len(dead) >= 4, 30, "4 letters")
     reasons = sorted(message.headers["x-mcard-reason"] for message in dead)
-    assert len(reasons) == 3, reasons
-    assert any("conflict" in reason.lower() for reason in reasons), reasons
+    assert len(reasons) == 4, reasons
+    assert sum("conflict" in reason.lower() for reason in reasons) == 2, reasons
+    conflicted = [m for m in dead if "conflict" in m.headers["x-mcard-reason"].lower()]
+    assert sorted(m.headers["id"] for m in conflicted) == sorted([f"old-{run}", reused])
+    assert ledger.card(reused) is not None and ledger.card(f"{reused}-b") is None
     assert any("card_id: is required" in reason for reason in reasons), reasons
     assert any("undecodable" in reason for reason in reasons), reasons
     burn = ledger.outcome(f"burn-{run}")

@@ -51,6 +51,18 @@ def rabbitmqctl(*args: str, timeout: float = 60) -> str:
     return done.stdout
 
 
+def add_broker_user(user: str, password: str) -> None:
+    """A broker user, its password given on stdin (never on a command line)."""
+    subprocess.run(
+        ["rabbitmqctl", "add_user", user],
+        input=password,
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
 def broker_connections(vhost: str = VHOST) -> list[dict[str, Any]]:
     """The broker's connections on vhost, with their client-given names."""
     rows = json.loads(

@@ -112,15 +112,20 @@ def exporter(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """`mcard-tasks metrics` with basic auth; its URL."""
-    port = free_port()
     log = tmp_path_factory.mktemp("exporter") / "exporter.log"
-    env = dict(
-        os.environ,
-        MCARD_DATABASE_URL=metrics_db,
-        MCARD_METRICS_DIR=str(metrics_dir),
-        MCARD_FLOWER_USER=USER,
-        MCARD_FLOWER_PASSWORD=PASSWORD,
-    )
+    env = {"MCARD_DATABASE_URL": metrics_db, "MCARD_METRICS_DIR": str(metrics_dir)}
+    process, url = start_exporter(log, **env)
+    assert process.poll() is None, log.read_text()
+    yield url
+    assert stop(process) == 0, "SIGTERM stops the exporter, exit 0"
+    assert PASSWORD not in log.read_text()
+
+
+def start_exporter(log: Path, **settings: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`mcard-tasks metrics` on a free port with basic auth and settings, once it answers
+    (or has exited); the process and its URL."""
+    port = free_port()
+    env = dict(os.environ, MCARD_FLOWER_USER=USER, MCARD_FLOWER_PASSWORD=PASSWORD, **settings)
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(CONSOLE_SCRIPT), "metrics", "--port", str(port)],
@@ -130,10 +135,7 @@ def exporter(
         )
     url = f"http://127.0.0.1:{port}/metrics"
     wait_for(lambda: process.poll() is not None or answers(url), 30, "the exporter to answer")
-    assert process.poll() is None, log.read_text()
-    yield url
-    assert stop(process) == 0, "SIGTERM stops the exporter, exit 0"
-    assert PASSWORD not in log.read_text()
+    return process, url
 
 
 def answers(url: str) -> bool:
@@ -455,25 +457,13 @@ def screenshot(url: str) -> None:
 def test_sources_that_do_not_answer_are_reported_down_and_the_scrape_still_answers(
     tmp_path: Path,
 ) -> None:
-    port = free_port()
-    env = dict(
-        os.environ,
+    log = tmp_path / "exporter.log"
+    process, url = start_exporter(
+        log,
         MCARD_BROKER_URL="amqp://guest:guest@127.0.0.1:5999//",
         MCARD_DATABASE_URL="postgresql://postgres@127.0.0.1:5999/nothing",
-        MCARD_FLOWER_USER=USER,
-        MCARD_FLOWER_PASSWORD=PASSWORD,
     )
-    log = tmp_path / "exporter.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(CONSOLE_SCRIPT), "metrics", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        url = f"http://127.0.0.1:{port}/metrics"
-        wait_for(lambda: process.poll() is not None or answers(url), 30, "the exporter")
         samples = scrape(url)
         assert value(samples, "mcard_ledger_up") == 0
         assert value(samples, "mcard_broker_up") == 0

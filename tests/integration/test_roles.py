@@ -34,7 +34,15 @@ from mcard_tasks.messages import TaskMessages
 from mcard_tasks.roles import ROLES, permissions
 from mcard_tasks.specs import task_names
 from tests.conftest import SESSION
-from tests.fixtures import CONSOLE_SCRIPT, ROOT, Worker, rabbitmqctl, recorded, wait_for
+from tests.fixtures import (
+    CONSOLE_SCRIPT,
+    ROOT,
+    Worker,
+    add_broker_user,
+    rabbitmqctl,
+    recorded,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 HOST = "127.0.0.1:5672"
@@ -97,18 +105,6 @@ class Realm:
         return Connection(f"amqp://guest:guest@{HOST}/{self.vhost}")
 
 
-def _add_user(user: str, password: str) -> None:
-    # The password on stdin: never on a command line.
-    subprocess.run(
-        ["rabbitmqctl", "add_user", user],
-        input=password,
-        text=True,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
 @contextmanager
 def made_realm(tag: str, ledger: Path) -> Iterator[Realm]:
     """A vhost with a user per role (named ROLE-tag), removed at the end."""
@@ -119,7 +115,7 @@ def made_realm(tag: str, ledger: Path) -> Iterator[Realm]:
     try:
         for role in (*ROLES, *IMPOSTORS):
             found.passwords[role] = secrets.token_hex(12)
-            _add_user(found.user(role), found.passwords[role])
+            add_broker_user(found.user(role), found.passwords[role])
             granted = permissions(IMPOSTORS.get(role, role), found.user(role))
             rabbitmqctl(
                 "set_permissions",

@@ -26,7 +26,15 @@ from mcard_tasks.identity import UNAUTHORIZED_PRODUCER, broker_user
 from mcard_tasks.tasks import single_mint
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE, EXCHANGE, dlq_name
 from tests.conftest import BROKER_BASE, SESSION
-from tests.fixtures import ROOT, Worker, drain_dlq, rabbitmqctl, use_ledger, wait_for
+from tests.fixtures import (
+    ROOT,
+    Worker,
+    add_broker_user,
+    drain_dlq,
+    rabbitmqctl,
+    use_ledger,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 QUEUE = "mcard.single_mint"
@@ -95,14 +103,7 @@ def publish_malformed(request_id: str) -> None:
 def other_producer(vhost: str) -> Iterator[str]:
     """A broker user of this test who may publish on the session vhost: its broker URL."""
     user, password = f"mcard-status-{SESSION}", secrets.token_hex(12)
-    subprocess.run(  # the password on stdin, never on a command line
-        ["rabbitmqctl", "add_user", user],
-        input=password,
-        text=True,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    add_broker_user(user, password)
     rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     base = BROKER_BASE.split("://", 1)[1].split("@", 1)[1]
     yield f"amqp://{user}:{password}@{base}/{vhost}"

@@ -29,6 +29,7 @@ from mcard_tasks.identity import (
     broker_dead_lettered,
     broker_user,
     request_producers,
+    task_queue_death,
 )
 from mcard_tasks.specs import task_names
 from mcard_tasks.topology import DEAD_LETTER_EXCHANGE
@@ -80,8 +81,7 @@ def _republish(app: Any, message: Any, queue: str, reason: str) -> None:
     headers[PRODUCER_HEADER] = request_producers(message, broker_user(app))
     tasks = frozenset(task_names())
     if broker_dead_lettered(headers, tasks):
-        deaths = headers.pop("x-death")
-        kept = [death for death in deaths if not broker_dead_lettered({"x-death": [death]}, tasks)]
+        kept = [death for death in headers.pop("x-death") if not task_queue_death(death, tasks)]
         if kept:
             headers["x-death"] = kept
     properties = message.properties or {}

@@ -43,6 +43,7 @@ __all__ = [
     "request_producers",
     "retry_producers",
     "split_producers",
+    "task_queue_death",
     "user_of_url",
 ]
 
@@ -99,16 +100,15 @@ class ProducerPolicy:
         """Whether user may publish at least one task."""
         return self.allows("", user) or any(user in users for users in self.per_task.values())
 
-    def refusal(self, task: str, user: object) -> str | None:
-        """Why a message of task published by user (its ``user_id``) is refused, or None."""
-        if user is None or user == "":
+    def refusal(self, task: str, user: str | None) -> str | None:
+        """Why a message of task published by user (its ``user_id``, read by
+        :func:`producer_of`) is refused, or None."""
+        if not user:
             return (
                 f"{UNAUTHORIZED_PRODUCER}: the message has no user_id (MCARD_PRODUCERS is set:"
                 f" only messages of allowed broker users run {task})"
             )
-        if isinstance(user, bytes):
-            user = user.decode("utf-8", "replace")
-        if not isinstance(user, str) or not self.allows(task, user):
+        if not self.allows(task, user):
             return f"{UNAUTHORIZED_PRODUCER}: user {user!r} may not publish {task}"
         return None
 
@@ -196,12 +196,15 @@ def letter_producers(message: Any, task_queues: frozenset[str]) -> list[str]:
     return split_producers(headers.get(PRODUCER_HEADER))
 
 
+def task_queue_death(death: object, task_queues: frozenset[str]) -> bool:
+    """Whether death (one ``x-death`` entry) says a queue of task_queues dead-lettered it."""
+    return isinstance(death, dict) and _text(death.get("queue")) in task_queues
+
+
 def broker_dead_lettered(headers: Mapping[str, Any], task_queues: frozenset[str]) -> bool:
     """Whether headers hold an ``x-death`` entry of one of task_queues."""
     deaths = headers.get("x-death") or []
-    return isinstance(deaths, list) and any(
-        isinstance(death, dict) and _text(death.get("queue")) in task_queues for death in deaths
-    )
+    return isinstance(deaths, list) and any(task_queue_death(d, task_queues) for d in deaths)
 
 
 def parse_producers(text: str) -> tuple[frozenset[str], dict[str, frozenset[str]]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -34,6 +34,8 @@ from mcard_tasks.errors import ConfigurationError
 from mcard_tasks.flower import CREDENTIALS_HINT, check_credentials, is_loopback
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.specs import task_names
+
+T = TypeVar("T")
 
 __all__ = [
     "LedgerCounts",
@@ -120,17 +122,15 @@ class MCardCollector(Collector):
     def _ledger_metrics(self) -> Iterator[Metric]:
         settings = settings_of(self.app)
         up = GaugeMetricFamily("mcard_ledger_up", "1 if the ledger answered this scrape.")
-        try:
+
+        def read() -> LedgerCounts:
             ledger = get_ledger(settings.database_url, migrate=settings.migrate)
-            counts = ledger_counts(ledger.engine, ledger.replay_counts())
-        except Exception as exc:  # any failure of the source: say so, serve the rest
-            logger.warning("metrics: the ledger did not answer: %s: %s", type(exc).__name__, exc)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
+            return ledger_counts(ledger.engine, ledger.replay_counts())
+
+        counts = _answered("ledger", up, read)
         yield up
-        yield from _ledger_families(counts)
+        if counts is not None:
+            yield from _ledger_families(counts)
 
     def _broker_metrics(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("mcard_broker_up", "1 if the broker answered this scrape.")
@@ -143,19 +143,28 @@ class MCardCollector(Collector):
         consumers = GaugeMetricFamily(
             "mcard_queue_consumers", "Consumers of a task or dead-letter queue.", labels=["queue"]
         )
-        try:
-            depths = queue_depths(self.app)
-        except Exception as exc:  # any failure of the source: say so, serve the rest
-            logger.warning("metrics: the broker did not answer: %s: %s", type(exc).__name__, exc)
-            up.add_metric([], 0)
+        depths = _answered("broker", up, lambda: queue_depths(self.app))
+        if depths is None:
             yield up
             return
-        up.add_metric([], 1)
         for depth in depths:
             if depth.ready >= 0:  # a missing queue has no series (topology check says why)
                 ready.add_metric([depth.name], depth.ready)
                 consumers.add_metric([depth.name], depth.consumers)
         yield from (up, ready, consumers)
+
+
+def _answered(source: str, up: GaugeMetricFamily, read: Callable[[], T]) -> T | None:
+    """What read returns from source, with up 1; None and up 0 if it failed (said in the
+    log: the scrape still serves the rest)."""
+    try:
+        found = read()
+    except Exception as exc:  # any failure of the source
+        logger.warning("metrics: the %s did not answer: %s: %s", source, type(exc).__name__, exc)
+        up.add_metric([], 0)
+        return None
+    up.add_metric([], 1)
+    return found
 
 
 def _ledger_families(counts: LedgerCounts) -> Iterator[Metric]:

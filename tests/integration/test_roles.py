@@ -85,6 +85,13 @@ class Realm:
             timeout=timeout,
         )
 
+    def enqueue(
+        self, role: str, request_id: str, owner: str, *extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        """`mcard-tasks single-mint` as role: card ``card-<request_id>`` to owner."""
+        fields = ("--owner", owner, "--card-id", f"card-{request_id}", "--request-id", request_id)
+        return self.cli(role, "single-mint", *fields, *extra)
+
     def python(self, role: str, script: str) -> subprocess.CompletedProcess[str]:
         """Run a Python script as role; fail the test if it fails."""
         done = subprocess.run(
@@ -270,11 +277,7 @@ def worker(realm: Realm, worker_factory: Callable[..., Worker]) -> Iterator[Work
 
 def test_a_producer_enqueues_and_the_worker_applies_it(realm: Realm, worker: Worker) -> None:
     request_id = f"roles-{uuid.uuid4().hex}"
-    done = realm.cli(
-        "producer",
-        *("single-mint", "--owner", "alice", "--card-id", f"card-{request_id}"),
-        *("--request-id", request_id, "--wait", "30"),
-    )
+    done = realm.enqueue("producer", request_id, "alice", "--wait", "30")
     assert done.returncode == 0, done.stderr
     assert minted(realm, request_id) == 1
 
@@ -355,11 +358,7 @@ def test_status_finds_a_refused_request_in_its_dlq_as_the_operator_not_as_the_pr
     realm: Realm, worker: Worker
 ) -> None:
     request_id = f"roles-status-{uuid.uuid4().hex}"
-    enqueue = realm.cli(
-        "intruder",
-        *("single-mint", "--owner", "mallory", "--card-id", f"card-{request_id}"),
-        *("--request-id", request_id),
-    )
+    enqueue = realm.enqueue("intruder", request_id, "mallory")
     assert enqueue.returncode == 0, enqueue.stderr
     found = wait_for(
         lambda: (done := realm.cli("operator", "status", request_id)).returncode == 8 and done,
@@ -378,11 +377,7 @@ def test_unlisted_anonymous_and_builtin_messages_are_dead_lettered_with_no_effec
     realm: Realm, worker: Worker
 ) -> None:
     intruder = f"roles-intruder-{uuid.uuid4().hex}"
-    enqueue = realm.cli(
-        "intruder",
-        *("single-mint", "--owner", "mallory", "--card-id", f"card-{intruder}"),
-        *("--request-id", intruder),
-    )
+    enqueue = realm.enqueue("intruder", intruder, "mallory")
     assert enqueue.returncode == 0, enqueue.stderr  # the broker lets it publish
     anonymous = f"roles-anonymous-{uuid.uuid4().hex}"
     publish(realm, "producer", task_message(anonymous), user_id=None)
@@ -446,11 +441,7 @@ def test_the_monitor_may_inspect_but_not_revoke_or_shut_down(realm: Realm, worke
     assert replies["hello"], "hello (an inspect command) is answered"
     # Neither request ID is revoked: both are applied, and the worker is still up.
     for request_id in (revoked, merged):
-        done = realm.cli(
-            "producer",
-            *("single-mint", "--owner", "carol", "--card-id", f"card-{request_id}"),
-            *("--request-id", request_id, "--wait", "30"),
-        )
+        done = realm.enqueue("producer", request_id, "carol", "--wait", "30")
         assert done.returncode == 0, done.stderr
         assert minted(realm, request_id) == 1
     assert not worker._exited()
@@ -516,11 +507,7 @@ def test_an_operator_replays_valid_letters_only_never_an_unauthorized_one(
 ) -> None:
     letters(realm)  # start from an empty DLQ
     unauthorized = f"roles-replay-intruder-{uuid.uuid4().hex}"
-    done = realm.cli(
-        "intruder",
-        *("single-mint", "--owner", "mallory", "--card-id", f"card-{unauthorized}"),
-        *("--request-id", unauthorized),
-    )
+    done = realm.enqueue("intruder", unauthorized, "mallory")
     assert done.returncode == 0, done.stderr
     invalid = f"roles-replay-invalid-{uuid.uuid4().hex}"
     publish(realm, "producer", task_message(invalid, owner="", card_id="x"))
@@ -616,11 +603,7 @@ def test_a_subscriber_reads_outcome_events_on_its_own_queue(realm: Realm, worker
     ) as reader:
         assert reader.stdout is not None
         assert reader.stdout.readline().strip() == "subscribed", reader.stderr
-        done = realm.cli(
-            "producer",
-            *("single-mint", "--owner", "dave", "--card-id", f"card-{request_id}"),
-            *("--request-id", request_id),
-        )
+        done = realm.enqueue("producer", request_id, "dave")
         assert done.returncode == 0, done.stderr
         out, err = reader.communicate(timeout=60)
     assert reader.returncode == 0 and "mcard.single_mint" in out, err
@@ -638,11 +621,7 @@ def test_a_subscriber_keeps_its_events_in_its_own_queue_which_no_other_may_touch
         "    next(events)\n"
     )
     realm.python("subscriber", script)  # declares and binds its durable queue
-    done = realm.cli(
-        "producer",
-        *("single-mint", "--owner", "erin", "--card-id", f"card-{request_id}"),
-        *("--request-id", request_id, "--wait", "30"),
-    )
+    done = realm.enqueue("producer", request_id, "erin", "--wait", "30")
     assert done.returncode == 0, done.stderr
     theirs = f"mcard.events.{realm.user('subscriber')}.mine-too"
     for touch in (
@@ -688,11 +667,7 @@ def test_a_request_whose_retries_ran_out_is_replayed_by_an_operator_with_mcard_p
             **settings,
         ).launch()
         request_id = f"roles-retried-{uuid.uuid4().hex}"
-        done = own.cli(
-            "producer",
-            *("single-mint", "--owner", "frank", "--card-id", f"card-{request_id}"),
-            *("--request-id", request_id),
-        )
+        done = own.enqueue("producer", request_id, "frank")
         assert done.returncode == 0, done.stderr
         wait_for(lambda: dlq_depth(own) == 1, 60, "the request's retries to run out")
         failing.stop()

@@ -42,7 +42,6 @@ from typing import Any
 
 from celery.app.trace import LOG_RECEIVED, LOG_SUCCESS
 from celery.exceptions import InvalidTaskError
-from celery.utils.saferepr import saferepr
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from mcard_tasks.config import Settings
@@ -51,6 +50,7 @@ from mcard_tasks.issuers import configured_issuer
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.ledger_batch import apply_batch
 from mcard_tasks.legacy import LEGACY_HEADER
+from mcard_tasks.messages import result_repr
 from mcard_tasks.payloads import Payload, check_request_id
 from mcard_tasks.timings import TASK_DURATION, observe
 
@@ -72,9 +72,11 @@ _RUNNING = 2
 
 
 def batch_prefetch(settings: Settings) -> int:
-    """Messages a worker reserves with batches on: a full batch for each that may run (late
-    acks: what runs and what gathers can never be more than the prefetch)."""
-    return _RUNNING * settings.batch_size
+    """Messages a worker reserves with batches on: a full batch for each that may run and two
+    more gathering meanwhile (late acks: what runs and what gathers can never be more than
+    the prefetch; with only the running ones' worth, the broker sends the next batch only
+    after one is acked, and the consumer idles meanwhile)."""
+    return (_RUNNING + 2) * settings.batch_size
 
 
 def run_batch(settings: Settings, task: str, requests: list[tuple[str, Payload]]) -> Any:
@@ -175,6 +177,7 @@ class Batcher:
         self._buffers: dict[str, list[_Item]] = {}
         self._timers: dict[str, Any] = {}
         self._fallbacks: dict[str, Strategy] = {}
+        self._result_maxsize: dict[str, int] = {}
         #: Batches of each kind in the pool now.
         self._running: dict[str, int] = {}
         self.deliveries = Deliveries(4 * batch_prefetch(settings))
@@ -189,6 +192,7 @@ class Batcher:
         """The strategy of task: its checked requests into batches, others to fallback
         (Celery's own strategy of the task)."""
         self._fallbacks[task.name] = fallback
+        self._result_maxsize[task.name] = task.resultrepr_maxsize
 
         def on_message(
             message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any
@@ -307,12 +311,13 @@ class Batcher:
         committed = [item for item in committed if firsts[item.request_id] is item]
         self._ack(committed)
         lines = _success_lines.isEnabledFor(logging.INFO)
+        maxsize = self._result_maxsize[batch.task]
         for item in batch.items:
             outcome = decided.get(item.request_id) if firsts[item.request_id] is item else None
             if outcome is None:
                 self._fall_back(batch.task, item)
                 continue
-            result = saferepr(json.loads(outcome))
+            result = result_repr(json.loads(outcome), maxsize)
             self._send_event("task-succeeded", item, result=result, runtime=runtime)
             if lines:
                 fields = {"name": batch.task, "id": item.request_id, "runtime": runtime}

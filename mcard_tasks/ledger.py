@@ -22,8 +22,10 @@ from sqlalchemy import (
     JSON,
     Connection,
     Engine,
+    String,
     Table,
     TextClause,
+    any_,
     bindparam,
     func,
     insert,
@@ -579,11 +581,13 @@ class Ledger:
 
     @staticmethod
     def _mark_published(session: Session, request_ids: list[str]) -> None:
-        session.execute(
-            update(OutboxEvent)
-            .where(OutboxEvent.request_id.in_(request_ids))
-            .values(published_at=now())
-        )
+        column = OUTBOX.c.request_id
+        if session.get_bind().dialect.name == "postgresql":
+            # One array parameter: an IN list is hundreds of placeholders to bind and parse.
+            which = column == any_(bindparam("ids", request_ids, type_=postgresql.ARRAY(String)))
+        else:
+            which = column.in_(request_ids)
+        session.execute(update(OUTBOX).where(which).values(published_at=now()))
 
 
 def get_ledger(url: str, *, migrate: bool | None = None) -> Ledger:

@@ -172,14 +172,15 @@ def _succeeded(spec: TaskSpec, requests: Requests, at: datetime) -> dict[str, st
 
 
 # PostgreSQL, the ledger as issuer: a whole batch's success in ONE statement in autocommit
-# (atomic on its own), like Ledger.apply's one-statement path: the batch's requests as
-# arrays, those whose ID is not recorded, the spec's effect, the claims carrying the outcomes
-# of the requests it applied, and their events. A request ID claimed meanwhile by another
-# worker fails it on the operations key: nothing is committed, and the statements below
-# decide instead.
+# (atomic on its own), like Ledger.apply's one-statement path: the batch's requests as one
+# JSON array of rows (one parameter: encoded by the json module, not element by element as
+# arrays are), those whose ID is not recorded, the spec's effect, the claims carrying the
+# outcomes of the requests it applied, and their events. A request ID claimed meanwhile by
+# another worker fails it on the operations key: nothing is committed, and the statements
+# below decide instead.
 _RECORD_BATCH = """
     WITH input AS (
-        SELECT {columns} FROM unnest({arrays}) AS t({names})
+        SELECT {columns} FROM json_to_recordset(CAST(:rows AS json)) AS t({names})
         WHERE NOT EXISTS (SELECT 1 FROM operations o WHERE o.request_id = t.request_id)
     ),
     effect AS ({effect}),
@@ -209,8 +210,8 @@ def _fast_batch(spec: TaskSpec) -> TextClause:
                 f"CAST(t.{name} AS json) AS {name}" if name in spec.json_fields else f"t.{name}"
                 for name in names
             ),
-            arrays=", ".join(f"CAST(:{name} AS text[])" for name in names),
-            names=", ".join(names),
+            # Every field as text, as the row-by-row path binds it (a JSON field: its text).
+            names=", ".join(f"{name} text" for name in names),
             effect=spec.fast_batch_effect,
         )
     )
@@ -219,19 +220,17 @@ def _fast_batch(spec: TaskSpec) -> TextClause:
 def _record_batch(ledger: Ledger, spec: TaskSpec, requests: Requests) -> dict[str, str]:
     at = now()
     outcomes = _succeeded(spec, requests, at)
-    columns: dict[str, list[Any]] = {name: [] for name in _fields(spec)}
+    rows: list[dict[str, Any]] = []
     for request_id, payload in requests:
         values = payload.model_dump(mode="json")
         for name in spec.json_fields:
             values[name] = json.dumps(values[name])
-        values |= {
-            "request_id": request_id,
-            "fingerprint": fingerprint(spec.name, payload),
-            "outcome": outcomes[request_id],
-        }
-        for name, column in columns.items():
-            column.append(values[name])
-    parameters = columns | {
+        values["request_id"] = request_id
+        values["fingerprint"] = fingerprint(spec.name, payload)
+        values["outcome"] = outcomes[request_id]
+        rows.append(values)
+    parameters = {
+        "rows": json.dumps(rows),
         "task": spec.name,
         "recorded_at": at,
         "routing_key": event_routing_key(spec.name, Verdict().status),

@@ -83,6 +83,34 @@ class FastReprs:
         return str(saferepr(kwargs, self.maxsize, maxlevels=self.maxlevels))
 
 
+def result_repr(value: Any, maxsize: int) -> str:
+    """``saferepr(value, maxsize)``, as Celery's tracer shows a task's result in its
+    task-succeeded event, but faster for a short ASCII value of plain JSON types (strings
+    without quote or backslash), where it equals plain ``repr`` (the unit tests check)."""
+    if _plain(value, 2):
+        text = repr(value)
+        if len(text) < maxsize // 2 and text.isascii() and text.isprintable() and "\\" not in text:
+            return text
+    return str(saferepr(value, maxsize))
+
+
+def _plain(value: Any, levels: int) -> bool:
+    if value is None or type(value) in (bool, int):
+        return True
+    if type(value) is str:
+        return "'" not in value
+    if levels <= 0:
+        return False
+    if type(value) is list:
+        return all(_plain(item, levels - 1) for item in value)
+    if type(value) is dict:
+        return all(
+            type(key) is str and "'" not in key and _plain(item, levels - 1)
+            for key, item in value.items()
+        )
+    return False
+
+
 class TaskMessage(NamedTuple):
     """A task message ready for ``basic_publish``."""
 

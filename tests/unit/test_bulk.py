@@ -30,7 +30,7 @@ from mcard_tasks.errors import (
     InvalidRequestError,
 )
 from mcard_tasks.ledger import get_ledger
-from mcard_tasks.messages import FastReprs, task_message
+from mcard_tasks.messages import FastReprs, result_repr, task_message
 from mcard_tasks.specs import validate_payload
 from mcard_tasks.tasks import mint, single_mint
 from tests.fixtures import use_ledger
@@ -133,6 +133,38 @@ def test_the_fast_kwargsrepr_is_celerys_saferepr(kwargs: dict[str, Any]) -> None
     expected = saferepr(kwargs, app.amqp.kwargsrepr_maxsize, app.conf.task_repr_maxlevels)
     assert reprs.kwargs(kwargs) == expected
     assert reprs.args == saferepr((), app.amqp.argsrepr_maxsize, app.conf.task_repr_maxlevels)
+
+
+_OUTCOME = {
+    "request_id": "r-1",
+    "task": "mcard.single_mint",
+    "outcome": "succeeded",
+    "reason": None,
+    "detail": None,
+    "owner": "alice",
+    "card_ids": ["c-1"],
+    "recorded_at": "2026-12-04T22:00:00.123456+00:00",
+}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        _OUTCOME,
+        _OUTCOME | {"outcome": "rejected", "reason": "already_minted", "detail": "card c-1"},
+        _OUTCOME | {"owner": "it's"},
+        _OUTCOME | {"owner": 'say"hi"'},
+        _OUTCOME | {"owner": "back\\slash"},
+        _OUTCOME | {"owner": "ünïcødé-✓"},
+        _OUTCOME | {"card_ids": [f"card-{i}" for i in range(1000)]},
+        _OUTCOME | {"detail": {"deep": {"er": ["x"]}}},
+        _OUTCOME | {"owner": "x" * 600},
+        {"n": 1, "ok": True, "f": 1.5},
+    ],
+)
+def test_the_fast_result_repr_is_celerys_saferepr(value: dict[str, Any]) -> None:
+    """What a batched request's task-succeeded event shows is what Celery's tracer shows."""
+    assert result_repr(value, 1024) == saferepr(value, 1024)
 
 
 class RecordingProducer:

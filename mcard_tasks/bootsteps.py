@@ -43,9 +43,10 @@ class CheckLedgerSchema(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Run the outbox relay in the worker's main process (pool children never publish)."""
+    """Run the outbox relay in a process beside the worker's (pool children never publish):
+    mcard_tasks.relay_process."""
 
-    # After the pool: prefork children are forked before the relay thread exists.
+    # After the pool: prefork children are forked before the relay's watcher thread exists.
     requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
@@ -53,14 +54,16 @@ class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
         self.relay: Any = None
 
     def start(self, parent: Any) -> None:
-        from mcard_tasks.events import relay_for
+        from mcard_tasks.config import settings_of
+        from mcard_tasks.relay_process import RelayProcess
 
-        self.relay = relay_for(parent.app)
+        self.relay = RelayProcess(settings_of(parent.app))
         self.relay.start()
 
     def stop(self, parent: Any) -> None:
         if self.relay is not None:
             self.relay.stop()
+            self.relay = None
 
 
 class LiveNodeDelayedDelivery(DelayedDelivery):  # type: ignore[misc]

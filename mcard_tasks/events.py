@@ -1,11 +1,12 @@
 """Outcome events: the outbox relay that publishes them, and a subscriber helper.
 
 Each recorded outcome is written to the ``outbox`` table in the same transaction as the
-outcome itself; the relay (a thread in every worker's main process) publishes pending rows to
-the topic exchange ``mcard.events`` with routing key ``<task>.<outcome>``, persistent and
-confirmed, and only then marks them published. A crash between the confirm and the mark
-publishes the row again: an identical copy whose message id is the request ID, which
-subscribers drop. A replay records nothing new, so it publishes nothing.
+outcome itself; the relay (a process beside every worker's main process, see
+mcard_tasks.relay_process) publishes pending rows to the topic exchange ``mcard.events`` with
+routing key ``<task>.<outcome>``, persistent and confirmed, and only then marks them
+published. A crash between the confirm and the mark publishes the row again: an identical copy
+whose message id is the request ID, which subscribers drop. A replay records nothing new, so
+it publishes nothing.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import socket
 import threading
 import time
 import uuid
-import weakref
 from collections import OrderedDict
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -50,11 +49,6 @@ class OutboxRelay:
         self.app, self.ledger_url, self.interval = app, ledger_url, interval
         self.migrate = migrate
         self._stop = threading.Event()
-        # Held while a batch is relayed. A prefork worker forks replacement children while
-        # this thread runs: the fork waits for the batch to end, so no child inherits a lock
-        # (of the database driver, SQLAlchemy or kombu) taken in the middle of one.
-        self._busy = threading.Lock()
-        _RELAYS.add(self)
         self._thread: threading.Thread | None = None
         self._window: ConfirmWindow | None = None  # the relay thread's own broker connection
 
@@ -122,8 +116,7 @@ class OutboxRelay:
     def run(self) -> None:
         while not self._stop.is_set():
             try:
-                with self._busy:
-                    published = self.publish_pending()
+                published = self.publish_pending()
                 if published == BATCH:
                     continue
             except Exception as exc:  # keep relaying: the rows wait in the outbox
@@ -153,29 +146,6 @@ class OutboxRelay:
         finally:
             if self._window is not None:
                 self._window.close()
-
-
-_RELAYS: weakref.WeakSet[OutboxRelay] = weakref.WeakSet()
-
-
-def _before_fork() -> None:
-    for relay in list(_RELAYS):
-        relay._busy.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    for relay in list(_RELAYS):
-        relay._busy.release()
-
-
-def _after_fork_in_child() -> None:
-    for relay in list(_RELAYS):
-        relay._busy = threading.Lock()
-
-
-os.register_at_fork(
-    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
-)
 
 
 def relay_for(app: Celery) -> OutboxRelay:

@@ -1,0 +1,120 @@
+"""The worker's outbox relay runs in a process of its own: it goes with its worker (a SIGKILL of
+the worker's main process alone included), it comes back when it dies, and nothing is lost."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from mcard_tasks.ledger import get_ledger
+from mcard_tasks.tasks import single_mint
+from tests.fixtures import Subscriber, Worker, use_ledger, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def relay_children(worker: Worker) -> list[int]:
+    """The pids of the worker's outbox relay processes (multiprocessing's spawned children)."""
+    assert worker.process is not None
+    return [pid for pid in _children(worker.process.pid) if b"spawn_main" in _cmdline(pid)]
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[1]) == parent and stat[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+def unpublished(url: str) -> int:
+    with get_ledger(url).engine.connect() as connection:
+        return int(
+            connection.execute(
+                text("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            ).scalar_one()
+        )
+
+
+def mint_and_see_event(events: Subscriber) -> str:
+    minted = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+    assert minted.get(timeout=30, interval=0.05)["outcome"] == "succeeded"
+    wait_for(
+        lambda: events.collect() and minted.id in events.by_request(), 30, "the outcome's event"
+    )
+    return minted.id
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_the_relay_process_comes_back_when_it_dies_and_goes_with_its_worker(
+    pool: str,
+    sqlite_url: str,
+    make_worker: Callable[..., Worker],
+    subscriber: Callable[[str], Subscriber],
+) -> None:
+    use_ledger(sqlite_url)
+    events = subscriber("mcard.single_mint.*")
+    worker = make_worker(sqlite_url, f"relay-{pool}", pool=pool, concurrency="2").start()
+    (relay,) = wait_for(lambda: relay_children(worker), 30, "the relay process")
+    # The settings came through multiprocessing's pipe: no URL (nor its password) in ps.
+    assert not any(word in _cmdline(relay) for word in (b"amqp", b"sqlite", b"postgres"))
+    mint_and_see_event(events)
+
+    os.kill(relay, signal.SIGKILL)  # the relay dies: the worker starts another
+    (again,) = wait_for(
+        lambda: [pid for pid in relay_children(worker) if pid != relay], 30, "a new relay"
+    )
+    mint_and_see_event(events)  # its events still go out
+    wait_for(lambda: not unpublished(sqlite_url), 30, "every event published")
+
+    assert worker.process is not None
+    os.kill(worker.process.pid, signal.SIGKILL)  # the worker alone, not its process group
+    worker.process.wait(10)
+    try:
+        wait_for(lambda: gone(again), 10, "the relay of a killed worker to exit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # prefork's children, left behind
+            os.killpg(worker.process.pid, signal.SIGKILL)
+
+
+def test_a_warm_shutdown_stops_the_relay_process_after_its_last_pass(
+    sqlite_url: str,
+    make_worker: Callable[..., Worker],
+    subscriber: Callable[[str], Subscriber],
+) -> None:
+    use_ledger(sqlite_url)
+    events = subscriber("mcard.single_mint.*")
+    worker = make_worker(sqlite_url, "relay-stop").start()
+    (relay,) = wait_for(lambda: relay_children(worker), 30, "the relay process")
+    mint_and_see_event(events)
+    assert worker.stop() == 0
+    assert gone(relay), "no relay outlives its worker's warm shutdown"
+    assert "did not stop; killed" not in worker.log.read_text()

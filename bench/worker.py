@@ -137,6 +137,12 @@ def drain_table(runs: dict[str, list[Drain]], labels: dict[str, str]) -> list[st
     for kind in TABLE_KINDS[:2]:
         rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(rates[kind], rates["bare"], strict=False))
         table.append(f"   per round {kind} / bare: {rounds}")
+    for kind in TABLE_KINDS[:2]:
+        out = median(drain.events_rate or 0.0 for drain in runs[kind])
+        table.append(
+            f"   {kind}: every outcome event published too, median {out:,.0f}/s"
+            f" ({ratio(out, medians['bare']):.2f}x bare)"
+        )
     timed = ratio(medians["timed"], medians["batch2"])
     table.append("   " + ratio_line("ratio timings on / off (timed / batch2)", timed, "~ 1.0"))
     return table + cpu_table(runs, labels, medians["bare"])

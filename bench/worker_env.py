@@ -69,11 +69,26 @@ class LedgerProbe:
         row = self.db.execute("SELECT count(*) FROM operations WHERE status <> 'pending'")
         return int(row.fetchone()[0])  # type: ignore[index]
 
+    def events_pending(self) -> int:
+        """Outcome events the relay has not published yet."""
+        row = self.db.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        return int(row.fetchone()[0])  # type: ignore[index]
+
     def commit_span(self, tag: str) -> float:
         """Seconds from the first to the last recorded outcome of the requests of tag."""
         row = self.db.execute(
             "SELECT extract(epoch FROM max(recorded_at) - min(recorded_at)) FROM operations"
             " WHERE request_id LIKE %s AND status <> 'pending'",
+            (f"{tag}-r%",),
+        ).fetchone()
+        return float(row[0] or 0.0)  # type: ignore[index]
+
+    def events_span(self, tag: str) -> float:
+        """Seconds from the first recorded outcome of the requests of tag until the relay had
+        published the last of their events."""
+        row = self.db.execute(
+            "SELECT extract(epoch FROM max(e.published_at) - min(o.recorded_at))"
+            " FROM operations o JOIN outbox e USING (request_id) WHERE o.request_id LIKE %s",
             (f"{tag}-r%",),
         ).fetchone()
         return float(row[0] or 0.0)  # type: ignore[index]

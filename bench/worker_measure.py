@@ -41,10 +41,18 @@ class Drain:
     rss_kib: int = 0
     #: CPU milliseconds per task spent by the worker, PostgreSQL and RabbitMQ meanwhile.
     cpu_ms: dict[str, float] = field(default_factory=dict)
+    #: Seconds from the ping answer until the relay had published every outcome event too.
+    events_seconds: float | None = None
 
     @property
     def rate(self) -> float:
         return (self.requests - self.done_before_ready) / self.seconds
+
+    @property
+    def events_rate(self) -> float | None:
+        if self.events_seconds is None:
+            return None
+        return (self.requests - self.done_before_ready) / self.events_seconds
 
 
 def drain_mcard(
@@ -75,6 +83,7 @@ def drain_mcard(
             worker.stop()
     if drain.done_before_ready >= count / 10:
         drain.done_before_ready, drain.seconds = 0, env.ledger.commit_span(tag)
+        drain.events_seconds = env.ledger.events_span(tag)
     return drain
 
 
@@ -99,9 +108,16 @@ def _timed_drain(
     with profiled(workers[-1].pid, profile, env.args.profile_gil):
         wait_until(drained, env.drain_timeout(count), f"{label}: {count} outcomes")
         finished = time.perf_counter()
+        # The outcome events go out through the outbox relay (a process of its own): the
+        # drain is over when the outcomes are committed; when the last event was out too
+        # is shown beside it.
+        wait_until(
+            lambda: env.ledger.events_pending() == 0, env.drain_timeout(count), f"{label}: events"
+        )
+        published = time.perf_counter()
         cpu = meter.ms_per_task(count - done0)
     rss = sum(rss_kib(pid) for pid in pids)
-    return Drain(label, count, done0, finished - ready, rss, cpu)
+    return Drain(label, count, done0, finished - ready, rss, cpu, published - ready)
 
 
 def drain_bare(env: Environment, count: int, concurrency: int) -> Drain:

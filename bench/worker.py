@@ -247,7 +247,8 @@ def profile(env: Environment, args: argparse.Namespace) -> list[str]:
     )  # fmt: skip
     return [
         "",
-        f"6. Profile of an mcard drain under py-spy ({pool}, {drain.rate:,.0f}/s while sampled)",
+        f"6. Profile of an mcard drain of {args.profile_requests:,} under py-spy ({pool},"
+        f" {drain.rate:,.0f}/s), sampled from the worker's start (its start-up included)",
         *("   " + line for line in summarize_profile(output)),
     ]
 

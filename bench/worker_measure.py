@@ -95,17 +95,19 @@ def _timed_drain(
     workers: list[WorkerProcess],
     profile: Path | None,
 ) -> Drain:
-    ready = [worker.wait_ready() for worker in workers][-1]
-    done0 = env.ledger.done_count() - base
-    pids = [worker.pid for worker in workers]
-    meter = CpuMeter(pids)
-
-    def drained() -> bool:
-        for worker in workers:
-            worker.check_alive()
-        return env.ledger.done_count() - base >= count
-
+    # A profile starts with the worker process (its start-up is in it): a worker busy draining
+    # answers its ping late, and a profile begun then would miss what it drained before.
     with profiled(workers[-1].pid, profile, env.args.profile_gil):
+        ready = [worker.wait_ready() for worker in workers][-1]
+        done0 = env.ledger.done_count() - base
+        pids = [worker.pid for worker in workers]
+        meter = CpuMeter(pids)
+
+        def drained() -> bool:
+            for worker in workers:
+                worker.check_alive()
+            return env.ledger.done_count() - base >= count
+
         wait_until(drained, env.drain_timeout(count), f"{label}: {count} outcomes")
         finished = time.perf_counter()
         # The outcome events go out through the outbox relay (a process of its own): the

@@ -66,16 +66,18 @@ _OWN_PATH_HEADERS = ("eta", "expires", "retries", "group", LEGACY_HEADER)
 _EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 
-#: Batches of one kind in the pool at once, at most (one more starts only when a batch
-#: ends): a slow issuer then gets a few full batches rather than many small ones.
+#: Batches of one kind in the pool at once before a partial batch whose wait is over may
+#: start (it starts when one of them ends; a full batch starts at once): a slow issuer then
+#: gets a few full batches rather than many small ones.
 _RUNNING = 2
 
 
 def batch_prefetch(settings: Settings) -> int:
-    """Messages a worker reserves with batches on: a full batch for each that may run and two
-    more gathering meanwhile (late acks: what runs and what gathers can never be more than
-    the prefetch; with only the running ones' worth, the broker sends the next batch only
-    after one is acked, and the consumer idles meanwhile)."""
+    """Messages a worker reserves with batches on: four full batches (late acks: what runs and
+    what gathers can never be more than the prefetch; with only two batches' worth, the
+    broker sends the next batch only after one is acked, and the consumer idles meanwhile).
+    A full buffer starts its batch at once, so up to four of a kind may run together; the
+    _RUNNING limit holds back only partial batches, whose wait is over."""
     return (_RUNNING + 2) * settings.batch_size
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 from celery.worker.consumer.control import Control
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
 from celery.worker.control import Panel
@@ -44,7 +44,12 @@ class CheckLedgerSchema(bootsteps.StartStopStep):  # type: ignore[misc]
 
 class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
     """Run the outbox relay in a process beside the worker's (pool children never publish):
-    mcard_tasks.relay_process."""
+    mcard_tasks.relay_process.
+
+    Celery stops this step before the pool, whose requests still running then commit their
+    outcomes: on a warm shutdown the relay's last pass waits for Celery's ``worker_shutdown``
+    (sent once every step, the pool included, has stopped), so their events go out too.
+    """
 
     # After the pool: prefork children are forked before the relay's watcher thread exists.
     requires = ("celery.worker.components:Pool",)
@@ -57,13 +62,29 @@ class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
         from mcard_tasks.config import settings_of
         from mcard_tasks.relay_process import RelayProcess
 
-        self.relay = RelayProcess(settings_of(parent.app))
+        self.relay = RelayProcess(
+            settings_of(parent.app),
+            log_level=getattr(parent, "loglevel", None),
+            log_file=getattr(parent, "logfile", None),
+        )
         self.relay.start()
 
     def stop(self, parent: Any) -> None:
-        if self.relay is not None:
-            self.relay.stop()
-            self.relay = None
+        relay, self.relay = self.relay, None
+        if relay is None:
+            return
+
+        def last_pass(**kwargs: Any) -> None:
+            signals.worker_shutdown.disconnect(last_pass)
+            relay.stop()
+
+        signals.worker_shutdown.connect(last_pass, weak=False)
+
+    def terminate(self, parent: Any) -> None:
+        """A cold shutdown: the pool's requests are abandoned, the relay stops now."""
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.stop()
 
 
 class LiveNodeDelayedDelivery(DelayedDelivery):  # type: ignore[misc]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,10 @@ pytestmark = pytest.mark.integration
 
 
 def relay_children(worker: Worker) -> list[int]:
-    """The pids of the worker's outbox relay processes (multiprocessing's spawned children)."""
+    """The pids of the worker's outbox relay processes (python -m mcard_tasks.relay_process)."""
     assert worker.process is not None
-    return [pid for pid in _children(worker.process.pid) if b"spawn_main" in _cmdline(pid)]
+    children = _children(worker.process.pid)
+    return [pid for pid in children if b"mcard_tasks.relay_process" in _cmdline(pid)]
 
 
 def _children(parent: int) -> list[int]:
@@ -118,3 +120,42 @@ def test_a_warm_shutdown_stops_the_relay_process_after_its_last_pass(
     assert worker.stop() == 0
     assert gone(relay), "no relay outlives its worker's warm shutdown"
     assert "did not stop; killed" not in worker.log.read_text()
+
+
+def test_a_request_still_running_at_a_warm_shutdown_gets_its_event(
+    sqlite_url: str,
+    make_worker: Callable[..., Worker],
+    subscriber: Callable[[str], Subscriber],
+) -> None:
+    """Celery stops the relay's step before the pool: the last pass waits for the pool."""
+    use_ledger(sqlite_url)
+    events = subscriber("mcard.single_mint.*")
+    worker = make_worker(
+        sqlite_url, "relay-inflight", issuer="simulated", issuer_latency_ms="3000"
+    ).start()
+    minted = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+    wait_for(lambda: f"[{minted.id}]" in worker.log.read_text(), 30, "the request received")
+    assert worker.stop() == 0  # during its 3 s issuer call
+    assert get_ledger(sqlite_url).outcome(minted.id) is not None, "the warm shutdown waited"
+    assert unpublished(sqlite_url) == 0
+    wait_for(
+        lambda: events.collect() and minted.id in events.by_request(), 30, "the outcome's event"
+    )
+
+
+def test_a_worker_started_by_a_script_without_a_main_guard_relays_its_events(
+    sqlite_url: str,
+    make_worker: Callable[..., Worker],
+    subscriber: Callable[[str], Subscriber],
+    tmp_path: Path,
+) -> None:
+    """The relay's process does not import the script that started the worker."""
+    use_ledger(sqlite_url)
+    events = subscriber("mcard.single_mint.*")
+    script = tmp_path / "my_worker.py"
+    script.write_text("from mcard_tasks.worker import main\n\nmain()\n")
+    worker = make_worker(sqlite_url, "relay-script", command=[sys.executable, str(script)])
+    worker.start()
+    mint_and_see_event(events)
+    assert len(relay_children(worker)) == 1
+    assert "exited" not in worker.log.read_text()

@@ -185,6 +185,8 @@ class Batcher:
         self.deliveries = Deliveries(4 * batch_prefetch(settings))
         #: Counts connections: a batch of an older one is not acked (its messages come back).
         self._generation = 0
+        #: The worker shuts down: no batch starts, and nothing goes to Celery's strategy.
+        self._closing = False
         # Pools without an event loop run the consumer's timer in a thread of its own.
         self._lock = threading.RLock()
 
@@ -302,6 +304,7 @@ class Batcher:
             idle = not self._running[batch.task]
             if self._buffers.get(batch.task) and (idle or batch.task not in self._timers):
                 self._flush(batch.task)  # none runs, or its wait is over and one just ended
+            closing = self._closing
         runtime = time.monotonic() - batch.started
         # A decided request ID is its first message's (ledger_batch applies only the first of
         # an ID): a later message of that ID, same payload or not, goes on alone (a replay,
@@ -317,7 +320,8 @@ class Batcher:
         for item in batch.items:
             outcome = decided.get(item.request_id) if firsts[item.request_id] is item else None
             if outcome is None:
-                self._fall_back(batch.task, item)
+                if not closing:  # while the worker shuts down, it comes back redelivered
+                    self._fall_back(batch.task, item)
                 continue
             result = result_repr(json.loads(outcome), maxsize)
             self._send_event("task-succeeded", item, result=result, runtime=runtime)
@@ -374,6 +378,17 @@ class Batcher:
             eventer.send(type_, uuid=item.request_id, **fields)
 
     # --- connection ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The worker shuts down (warm): the requests waiting in a buffer are left to come back
+        redelivered, nothing new starts, and the batches running are still acked as they end
+        (the connection stays open until the pool has finished them)."""
+        with self._lock:
+            self._closing = True
+            self._buffers.clear()
+            for timer in self._timers.values():
+                timer.cancel()
+            self._timers.clear()
 
     def reset(self) -> None:
         """The connection is gone: forget what waits (it comes back redelivered) and never

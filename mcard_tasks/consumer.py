@@ -107,10 +107,21 @@ class MCardConsumer(Consumer):  # type: ignore[misc]
             return count
         return max(count, batch_prefetch(settings_of(self.app)))
 
+    #: Set by stop(): the worker shuts down (its connection stays open until the pool ends).
+    _stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+        super().stop()
+
     def on_close(self) -> None:
         super().on_close()
-        if self.batcher is not None:
-            self.batcher.reset()
+        if self.batcher is None:
+            return
+        if self._stopping:
+            self.batcher.close()  # the running batches are still acked as they end
+        else:
+            self.batcher.reset()  # the connection is lost: their deliveries are gone
 
     def connect(self) -> Any:
         """The consuming connection, with the whole topology declared on it first."""

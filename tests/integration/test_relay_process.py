@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from mcard_tasks import app
+from mcard_tasks.admin import queue_depths
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.tasks import single_mint
 from tests.fixtures import Subscriber, Worker, use_ledger, wait_for
@@ -122,12 +124,13 @@ def test_a_warm_shutdown_stops_the_relay_process_after_its_last_pass(
     assert "did not stop; killed" not in worker.log.read_text()
 
 
-def test_a_request_still_running_at_a_warm_shutdown_gets_its_event(
+def test_a_request_still_running_at_a_warm_shutdown_is_acked_and_gets_its_event(
     sqlite_url: str,
     make_worker: Callable[..., Worker],
     subscriber: Callable[[str], Subscriber],
 ) -> None:
-    """Celery stops the relay's step before the pool: the last pass waits for the pool."""
+    """Celery stops the consumer and the relay's step before the pool: the batch's ack and
+    the relay's last pass wait for the pool."""
     use_ledger(sqlite_url)
     events = subscriber("mcard.single_mint.*")
     worker = make_worker(
@@ -138,6 +141,9 @@ def test_a_request_still_running_at_a_warm_shutdown_gets_its_event(
     assert worker.stop() == 0  # during its 3 s issuer call
     assert get_ledger(sqlite_url).outcome(minted.id) is not None, "the warm shutdown waited"
     assert unpublished(sqlite_url) == 0
+    # ... and acked its batch (with the consumer stopped, the message came back before).
+    depths = {depth.name: depth.ready for depth in queue_depths(app)}
+    assert depths["mcard.single_mint"] == 0, depths
     wait_for(
         lambda: events.collect() and minted.id in events.by_request(), 30, "the outcome's event"
     )

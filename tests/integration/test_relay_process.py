@@ -88,7 +88,7 @@ def test_the_relay_process_comes_back_when_it_dies_and_goes_with_its_worker(
     events = subscriber("mcard.single_mint.*")
     worker = make_worker(sqlite_url, f"relay-{pool}", pool=pool, concurrency="2").start()
     (relay,) = wait_for(lambda: relay_children(worker), 30, "the relay process")
-    # The settings came through multiprocessing's pipe: no URL (nor its password) in ps.
+    # The settings came on its standard input: no URL (nor its password) in ps.
     assert not any(word in _cmdline(relay) for word in (b"amqp", b"sqlite", b"postgres"))
     mint_and_see_event(events)
 

@@ -201,6 +201,8 @@ class Batcher:
         def on_message(
             message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any
         ) -> Any:
+            if self._closing:  # the worker shuts down: it comes back redelivered
+                return None
             item = self._checked(task, message, body, (message, body, ack, reject, callbacks))
             if item is None or kwargs:
                 return fallback(message, body, ack, reject, callbacks, **kwargs)

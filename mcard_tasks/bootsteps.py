@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import bootsteps, signals
+from celery.utils.nodenames import node_format
 from celery.worker.consumer.control import Control
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
 from celery.worker.control import Panel
@@ -62,10 +63,11 @@ class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
         from mcard_tasks.config import settings_of
         from mcard_tasks.relay_process import RelayProcess
 
+        log_file = getattr(parent, "logfile", None)  # Celery's pattern (%n, %I)
         self.relay = RelayProcess(
             settings_of(parent.app),
             log_level=getattr(parent, "loglevel", None),
-            log_file=getattr(parent, "logfile", None),
+            log_file=node_format(log_file, parent.hostname) if log_file else None,
         )
         self.relay.start()
 
@@ -75,10 +77,10 @@ class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
             return
 
         def last_pass(**kwargs: Any) -> None:
-            signals.worker_shutdown.disconnect(last_pass)
+            signals.worker_shutdown.disconnect(last_pass, sender=parent)
             relay.stop()
 
-        signals.worker_shutdown.connect(last_pass, weak=False)
+        signals.worker_shutdown.connect(last_pass, sender=parent, weak=False)
 
     def terminate(self, parent: Any) -> None:
         """A cold shutdown: the pool's requests are abandoned, the relay stops now."""

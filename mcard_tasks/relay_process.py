@@ -4,14 +4,17 @@ Publishing outcome events (a confirmed publish each) costs about as much Python 
 consumer's work on a request; in the worker's main process it took the same interpreter lock
 as the consumer and the pool's threads. In a child process it runs on another core.
 
-The child is a fresh interpreter, ``python -m mcard_tasks.relay_process`` (not a
-multiprocessing child: that would import the script that started the worker once more, and a
-script without a ``__main__`` guard would start a second worker inside it). It reads what it
-needs (the worker's settings, its import path and logging) as one pickle on its standard
+The child is a fresh interpreter, ``python -P -m mcard_tasks.relay_process`` with the worker's
+import path (not a multiprocessing child: that would import the script that started the
+worker once more, and a script without a ``__main__`` guard would start a second worker inside
+it). It reads what it needs (the worker's settings and logging) as one pickle on its standard
 input, never on its command line, builds its own app from the settings and runs
-:class:`mcard_tasks.events.OutboxRelay`. It stops after one last bounded pass when the worker
-asks (SIGTERM, or its standard input closed), and on its own when the worker is gone (a
-SIGKILLed worker leaves no relay behind). A child that dies is started again, after a second,
+:class:`mcard_tasks.events.OutboxRelay`. It runs in a session of its own and ignores SIGINT
+and SIGTERM: a signal to the worker's process group (Ctrl-C, systemd, an init) must not end
+it before the worker's pool has committed its last requests. It stops after one last bounded
+pass when its standard input ends: the worker closes it when it has shut down, and the kernel
+when the worker is gone (a SIGKILLed worker leaves no relay behind; processes the worker forks
+later give up their copy of the pipe). A child that dies is started again, after a second,
 longer if it keeps dying at once. Whatever it had not published waits in the outbox, so
 nothing is lost whichever process dies when: a row is marked only after the broker confirmed it.
 """
@@ -26,16 +29,18 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 __all__ = ["RelayProcess"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between the child's looks at a stop request and at whether its worker is there.
-_CHECK = 0.2
+#: Seconds between the child's looks at whether its worker is still its parent.
+_CHECK = 0.5
+#: Seconds of the child's last pass, at most twice over (the batch in hand, then the rest).
+_LAST_PASS = 5.0
 #: Seconds before a relay that died is started again; doubled (up to _RESTART_MAX) while
 #: each lives less than _SHORT_LIFE.
 _RESTART_AFTER = 1.0
@@ -48,7 +53,6 @@ class _Order:
     """What the worker hands its relay process (on its standard input)."""
 
     settings: Any  # mcard_tasks.config.Settings
-    sys_path: list[str]
     parent: int
     log_level: int | str
     log_file: str | None
@@ -66,6 +70,7 @@ class RelayProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        _RELAYS.add(self)
 
     @property
     def pid(self) -> int | None:
@@ -79,13 +84,17 @@ class RelayProcess:
         self._watcher.start()
 
     def _spawn(self) -> None:
-        order = _Order(self.settings, list(sys.path), os.getpid(), self.log_level, self.log_file)
-        env = dict(os.environ)
-        # The package as the worker imports it, even from a checkout that is not installed.
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+        order = _Order(self.settings, os.getpid(), self.log_level, self.log_file)
+        # The worker's import path, whole and first (its MCARD_SPECS modules, a checkout that
+        # is not installed); -P: not the current directory ahead of it.
+        path = [entry or os.getcwd() for entry in sys.path]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         process = subprocess.Popen(
-            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, env=env, close_fds=True
+            [sys.executable, "-P", "-m", __name__],
+            stdin=subprocess.PIPE,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
         )
         assert process.stdin is not None
         try:
@@ -128,19 +137,17 @@ class RelayProcess:
                 logger.error("outbox relay: cannot start its process: %s", exc)
             started = time.monotonic()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the child after its last pass (bounded by timeout, then killed)."""
+    def stop(self) -> None:
+        """Stop the child after its last pass (bounded, then killed)."""
         self._stopping.set()
         if self._watcher is not None:
-            self._watcher.join(timeout)
+            self._watcher.join(2.0)
         process = self._process
         if process is None or process.poll() is not None:
             return
-        # Both signs: pool children forked after the child started hold copies of its input.
-        process.terminate()
-        _close_input(process)
+        _close_input(process)  # the end of its input: the last pass, then it exits
         try:
-            process.wait(timeout + 2.0)
+            process.wait(2 * _LAST_PASS + 5.0)
         except subprocess.TimeoutExpired:
             logger.warning("outbox relay process %s did not stop; killed", process.pid)
             process.kill()
@@ -155,15 +162,34 @@ def _close_input(process: subprocess.Popen[bytes]) -> None:
         pass
 
 
+_RELAYS: weakref.WeakSet[RelayProcess] = weakref.WeakSet()
+
+
+def _give_up_inputs() -> None:
+    """In a process the worker forks (a pool child): its copy of each relay's input becomes
+    /dev/null, so that the relay sees the end of its input when the worker closes it, or dies."""
+    for relay in list(_RELAYS):
+        stdin = relay._process.stdin if relay._process is not None else None
+        if stdin is None:
+            continue
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stdin.fileno())
+            os.close(null)
+        except (OSError, ValueError):  # closed already
+            continue
+
+
+os.register_at_fork(after_in_child=_give_up_inputs)
+
+
 def main() -> None:
-    """The child: relay until asked to stop or until the worker is gone, then a last pass."""
-    # Ctrl-C in a terminal reaches the whole process group: the worker decides when to stop.
+    """The child: relay until its input ends or the worker is gone, then a last pass."""
+    # The worker decides when to stop: signals meant for it (Ctrl-C, a process group's
+    # SIGTERM) must not end the relay before the pool's last outcomes are committed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    terminated: list[int] = []
-    # The handler only appends to a list of its own (no lock the interrupted code may hold).
-    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     order: _Order = pickle.load(sys.stdin.buffer)
-    sys.path[:] = order.sys_path
     closed = threading.Event()
     threading.Thread(target=_await_end_of_input, args=(closed,), daemon=True).start()
     logging.basicConfig(
@@ -177,16 +203,21 @@ def main() -> None:
 
     relay = relay_for(create_app(order.settings))
     relay.start()
-    while not terminated and not closed.wait(_CHECK):
+    while not closed.wait(_CHECK):
         if os.getppid() != order.parent:
             logger.warning("outbox relay: the worker is gone; stopping")
             break
-    relay.stop()  # the last bounded pass: what the worker committed before it stopped
+    relay.stop(_LAST_PASS)  # the last bounded pass: what the worker committed before it stopped
 
 
 def _await_end_of_input(closed: threading.Event) -> None:
+    """Set closed at the end of standard input (read unbuffered: a thread blocked in the
+    buffered reader's lock would abort the interpreter's exit)."""
     try:
-        sys.stdin.buffer.read()  # returns at end of input: the worker closed it, or is gone
+        while os.read(0, 4096):
+            pass
+    except OSError:  # no input at all: as ended
+        pass
     finally:
         closed.set()
 

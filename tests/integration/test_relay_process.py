@@ -155,13 +155,46 @@ def test_a_worker_started_by_a_script_without_a_main_guard_relays_its_events(
     subscriber: Callable[[str], Subscriber],
     tmp_path: Path,
 ) -> None:
-    """The relay's process does not import the script that started the worker."""
+    """The relay's process does not import the script that started the worker, and imports
+    what the worker does (an MCARD_SPECS module beside the script, not in the current
+    directory)."""
     use_ledger(sqlite_url)
     events = subscriber("mcard.single_mint.*")
     script = tmp_path / "my_worker.py"
     script.write_text("from mcard_tasks.worker import main\n\nmain()\n")
-    worker = make_worker(sqlite_url, "relay-script", command=[sys.executable, str(script)])
+    kinds = f"my_kinds_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{kinds}.py").write_text('"""No kinds of its own."""\n')
+    command = [sys.executable, str(script)]
+    worker = make_worker(sqlite_url, "relay-script", command=command, specs=kinds)
     worker.start()
     mint_and_see_event(events)
     assert len(relay_children(worker)) == 1
     assert "exited" not in worker.log.read_text()
+
+
+def test_a_sigterm_to_every_process_of_the_worker_leaves_the_relay_its_last_pass(
+    sqlite_url: str,
+    make_worker: Callable[..., Worker],
+    subscriber: Callable[[str], Subscriber],
+) -> None:
+    """As systemd stops a service: SIGTERM to each process. The relay ignores it and waits
+    for the worker, whose pool is still committing a request."""
+    use_ledger(sqlite_url)
+    events = subscriber("mcard.single_mint.*")
+    worker = make_worker(
+        sqlite_url, "relay-group", issuer="simulated", issuer_latency_ms="2000"
+    ).start()
+    (relay,) = wait_for(lambda: relay_children(worker), 30, "the relay process")
+    minted = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+    wait_for(lambda: f"[{minted.id}]" in worker.log.read_text(), 30, "the request received")
+    assert worker.process is not None
+    os.kill(relay, signal.SIGTERM)
+    assert worker.stop() == 0  # SIGTERM to the worker, during its 2 s issuer call
+    assert get_ledger(sqlite_url).outcome(minted.id) is not None
+    assert unpublished(sqlite_url) == 0, "the relay's last pass came after the pool's commit"
+    assert gone(relay)
+    log = worker.log.read_text()
+    assert "exited" not in log and "did not stop" not in log, log[-2000:]
+    wait_for(
+        lambda: events.collect() and minted.id in events.by_request(), 30, "the outcome's event"
+    )

@@ -24,7 +24,8 @@ class CheckLedgerSchema(bootsteps.StartStopStep):  # type: ignore[misc]
     head (SchemaNotAtHeadError, Celery's "Unrecoverable error", exit 1): better than failing
     every task. A ledger unreachable at start is checked again on first use instead."""
 
-    # Before the pool: a worker that cannot run must not fork its children first.
+    # Before the consumer: a worker whose ledger is behind never takes a message (Celery may
+    # start the pool first; its children stop with the worker).
     requires = ("celery.worker.components:Timer",)
 
     def start(self, parent: Any) -> None:

@@ -87,8 +87,7 @@ class RelayProcess:
         order = _Order(self.settings, os.getpid(), self.log_level, self.log_file)
         # The worker's import path, whole and first (its MCARD_SPECS modules, a checkout that
         # is not installed); -P: not the current directory ahead of it.
-        path = [entry or os.getcwd() for entry in sys.path]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(_import_path()))
         process = subprocess.Popen(
             [sys.executable, "-P", "-m", __name__],
             stdin=subprocess.PIPE,
@@ -154,6 +153,17 @@ class RelayProcess:
             process.wait(5.0)
 
 
+def _import_path() -> list[str]:
+    """sys.path as PYTHONPATH can carry it: '' is the current directory; entries that are
+    not text, or hold the separator, are left out."""
+    try:
+        here = os.getcwd()
+    except OSError:  # the current directory is gone: '' finds nothing there either
+        here = None
+    path = [entry or here for entry in sys.path if isinstance(entry, str)]
+    return [entry for entry in path if entry and os.pathsep not in entry]
+
+
 def _close_input(process: subprocess.Popen[bytes]) -> None:
     try:
         if process.stdin is not None:
@@ -173,11 +183,16 @@ def _give_up_inputs() -> None:
         if stdin is None:
             continue
         try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, stdin.fileno())
-            os.close(null)
-        except (OSError, ValueError):  # closed already
+            fd = stdin.fileno()
+        except ValueError:  # closed already
             continue
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd, inheritable=False)
+        except OSError:
+            pass
+        finally:
+            os.close(null)
 
 
 os.register_at_fork(after_in_child=_give_up_inputs)

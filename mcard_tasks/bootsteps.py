@@ -71,20 +71,22 @@ class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
             log_file=node_format(log_file, parent.hostname) if log_file else None,
         )
         self.relay.start()
+        # Also when the worker stops before every step started (Celery then stops no step).
+        signals.worker_shutdown.connect(self._last_pass, sender=parent, weak=False)
 
     def stop(self, parent: Any) -> None:
+        """Nothing yet: the pool stops after this step, and its last requests' events are
+        for the relay's last pass, at worker_shutdown."""
+
+    def _last_pass(self, sender: Any = None, **kwargs: Any) -> None:
+        signals.worker_shutdown.disconnect(self._last_pass, sender=sender)
         relay, self.relay = self.relay, None
-        if relay is None:
-            return
-
-        def last_pass(**kwargs: Any) -> None:
-            signals.worker_shutdown.disconnect(last_pass, sender=parent)
+        if relay is not None:
             relay.stop()
-
-        signals.worker_shutdown.connect(last_pass, sender=parent, weak=False)
 
     def terminate(self, parent: Any) -> None:
         """A cold shutdown: the pool's requests are abandoned, the relay stops now."""
+        signals.worker_shutdown.disconnect(self._last_pass, sender=parent)
         relay, self.relay = self.relay, None
         if relay is not None:
             relay.stop()

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +69,7 @@ class RelayProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
-        _RELAYS.add(self)
+        self._input: int | None = None  # the write end of the child's standard input
 
     @property
     def pid(self) -> int | None:
@@ -88,21 +87,40 @@ class RelayProcess:
         # The worker's import path, whole and first (its MCARD_SPECS modules, a checkout that
         # is not installed); -P: not the current directory ahead of it.
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(_import_path()))
-        process = subprocess.Popen(
-            [sys.executable, "-P", "-m", __name__],
-            stdin=subprocess.PIPE,
-            env=env,
-            close_fds=True,
-            start_new_session=True,
-        )
-        assert process.stdin is not None
-        try:
-            process.stdin.write(pickle.dumps(order))
-            process.stdin.flush()  # stays open: its end is the child's sign to stop
-        except OSError as exc:  # the child died at once: the watcher starts another
-            logger.warning("outbox relay: could not hand its process the settings: %s", exc)
-        self._process = process
+        with _INPUTS_LOCK:  # no fork meanwhile: every process forked later gives up its copy
+            read_end, write_end = os.pipe()
+            _INPUTS.add(write_end)
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-P", "-m", __name__],
+                    stdin=read_end,
+                    env=env,
+                    close_fds=True,
+                    start_new_session=True,
+                )
+            except BaseException:
+                _INPUTS.discard(write_end)
+                os.close(write_end)
+                raise
+            finally:
+                os.close(read_end)
+            self._process, self._input = process, write_end
+            # A few KiB, within the pipe's buffer. The input stays open: its end is the
+            # child's sign to stop.
+            try:
+                data = memoryview(pickle.dumps(order))
+                while data:
+                    data = data[os.write(write_end, data) :]
+            except OSError as exc:  # the child died at once: the watcher starts another
+                logger.warning("outbox relay: could not hand its process the settings: %s", exc)
         logger.info("outbox relay: running in process %s", process.pid)
+
+    def _close_input(self) -> None:
+        with _INPUTS_LOCK:
+            fd, self._input = self._input, None
+            if fd is not None and fd in _INPUTS:
+                _INPUTS.discard(fd)
+                os.close(fd)
 
     def _watch(self) -> None:
         quick_deaths = 0
@@ -117,7 +135,7 @@ class RelayProcess:
                 continue
             if self._stopping.is_set():
                 return
-            _close_input(process)
+            self._close_input()
             short = time.monotonic() - started < _SHORT_LIFE
             quick_deaths = quick_deaths + 1 if short else 0
             delay = min(_RESTART_AFTER * 2 ** max(0, quick_deaths - 1), _RESTART_MAX)
@@ -144,7 +162,7 @@ class RelayProcess:
         process = self._process
         if process is None or process.poll() is not None:
             return
-        _close_input(process)  # the end of its input: the last pass, then it exits
+        self._close_input()  # the end of its input: the last pass, then it exits
         try:
             process.wait(2 * _LAST_PASS + 5.0)
         except subprocess.TimeoutExpired:
@@ -164,38 +182,30 @@ def _import_path() -> list[str]:
     return [entry for entry in path if entry and os.pathsep not in entry]
 
 
-def _close_input(process: subprocess.Popen[bytes]) -> None:
-    try:
-        if process.stdin is not None:
-            process.stdin.close()
-    except OSError:  # the child is gone: nothing to tell it
-        pass
-
-
-_RELAYS: weakref.WeakSet[RelayProcess] = weakref.WeakSet()
+#: The write ends of the relays' input pipes in this process...
+_INPUTS: set[int] = set()
+#: ... held while one is made or closed, and across every fork of this process.
+_INPUTS_LOCK = threading.Lock()
 
 
 def _give_up_inputs() -> None:
-    """In a process the worker forks (a pool child): its copy of each relay's input becomes
-    /dev/null, so that the relay sees the end of its input when the worker closes it, or dies."""
-    for relay in list(_RELAYS):
-        stdin = relay._process.stdin if relay._process is not None else None
-        if stdin is None:
-            continue
-        try:
-            fd = stdin.fileno()
-        except ValueError:  # closed already
-            continue
+    """In a process the worker forks (a pool child): its copies of the relays' inputs become
+    /dev/null, so that a relay sees the end of its input when the worker closes it, or dies."""
+    global _INPUTS_LOCK
+    _INPUTS_LOCK = threading.Lock()  # held by the parent's fork, never released here
+    for fd in _INPUTS:
         null = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(null, fd, inheritable=False)
-        except OSError:
-            pass
         finally:
             os.close(null)
 
 
-os.register_at_fork(after_in_child=_give_up_inputs)
+os.register_at_fork(
+    before=lambda: _INPUTS_LOCK.acquire(),
+    after_in_parent=lambda: _INPUTS_LOCK.release(),
+    after_in_child=_give_up_inputs,
+)
 
 
 def main() -> None:

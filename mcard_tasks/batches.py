@@ -387,19 +387,20 @@ class Batcher:
         (the connection stays open until the pool has finished them)."""
         with self._lock:
             self._closing = True
-            self._buffers.clear()
-            for timer in self._timers.values():
-                timer.cancel()
-            self._timers.clear()
+            self._drop_waiting()
 
     def reset(self) -> None:
         """The connection is gone: forget what waits (it comes back redelivered) and never
         ack a batch still running (its delivery tags belong to the old channel)."""
         with self._lock:
             self._generation += 1
-            self._buffers.clear()
-            for timer in self._timers.values():
-                timer.cancel()
-            self._timers.clear()
+            self._drop_waiting()
             self._running.clear()
             self.deliveries.clear()
+
+    def _drop_waiting(self) -> None:
+        """Forget the requests in the buffers (unacked: they come back) and their timers."""
+        self._buffers.clear()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()

@@ -86,10 +86,7 @@ class RelayOutbox(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def terminate(self, parent: Any) -> None:
         """A cold shutdown: the pool's requests are abandoned, the relay stops now."""
-        signals.worker_shutdown.disconnect(self._last_pass, sender=parent)
-        relay, self.relay = self.relay, None
-        if relay is not None:
-            relay.stop()
+        self._last_pass(sender=parent)
 
 
 class LiveNodeDelayedDelivery(DelayedDelivery):  # type: ignore[misc]

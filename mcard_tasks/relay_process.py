@@ -30,7 +30,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+
+from mcard_tasks.config import Settings
 
 __all__ = ["RelayProcess"]
 
@@ -51,7 +52,7 @@ _SHORT_LIFE = 10.0
 class _Order:
     """What the worker hands its relay process (on its standard input)."""
 
-    settings: Any  # mcard_tasks.config.Settings
+    settings: Settings
     parent: int
     log_level: int | str
     log_file: str | None
@@ -61,7 +62,7 @@ class RelayProcess:
     """Runs the outbox relay of settings in a child process, and again if it dies."""
 
     def __init__(
-        self, settings: Any, log_level: int | str | None = None, log_file: str | None = None
+        self, settings: Settings, log_level: int | str | None = None, log_file: str | None = None
     ) -> None:
         self.settings = settings
         self.log_level = settings.log_level if log_level is None else log_level

@@ -71,9 +71,20 @@ def unpublished(url: str) -> int:
 def mint_and_see_event(events: Subscriber) -> str:
     minted = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
     assert minted.get(timeout=30, interval=0.05)["outcome"] == "succeeded"
+    see_event(events, minted.id)
+    return minted.id
+
+
+def see_event(events: Subscriber, request_id: str) -> None:
     wait_for(
-        lambda: events.collect() and minted.id in events.by_request(), 30, "the outcome's event"
+        lambda: events.collect() and request_id in events.by_request(), 30, "the outcome's event"
     )
+
+
+def mint_in_flight(worker: Worker) -> str:
+    """A mint the worker has received (and, with a slow issuer, is still applying)."""
+    minted = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+    wait_for(lambda: f"[{minted.id}]" in worker.log.read_text(), 30, "the request received")
     return minted.id
 
 
@@ -136,17 +147,14 @@ def test_a_request_still_running_at_a_warm_shutdown_is_acked_and_gets_its_event(
     worker = make_worker(
         sqlite_url, "relay-inflight", issuer="simulated", issuer_latency_ms="3000"
     ).start()
-    minted = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
-    wait_for(lambda: f"[{minted.id}]" in worker.log.read_text(), 30, "the request received")
+    request_id = mint_in_flight(worker)
     assert worker.stop() == 0  # during its 3 s issuer call
-    assert get_ledger(sqlite_url).outcome(minted.id) is not None, "the warm shutdown waited"
+    assert get_ledger(sqlite_url).outcome(request_id) is not None, "the warm shutdown waited"
     assert unpublished(sqlite_url) == 0
     # ... and acked its batch (with the consumer stopped, the message came back before).
     depths = {depth.name: depth.ready for depth in queue_depths(app)}
     assert depths["mcard.single_mint"] == 0, depths
-    wait_for(
-        lambda: events.collect() and minted.id in events.by_request(), 30, "the outcome's event"
-    )
+    see_event(events, request_id)
 
 
 def test_a_worker_started_by_a_script_without_a_main_guard_relays_its_events(
@@ -185,16 +193,12 @@ def test_a_sigterm_to_every_process_of_the_worker_leaves_the_relay_its_last_pass
         sqlite_url, "relay-group", issuer="simulated", issuer_latency_ms="2000"
     ).start()
     (relay,) = wait_for(lambda: relay_children(worker), 30, "the relay process")
-    minted = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
-    wait_for(lambda: f"[{minted.id}]" in worker.log.read_text(), 30, "the request received")
-    assert worker.process is not None
+    request_id = mint_in_flight(worker)
     os.kill(relay, signal.SIGTERM)
     assert worker.stop() == 0  # SIGTERM to the worker, during its 2 s issuer call
-    assert get_ledger(sqlite_url).outcome(minted.id) is not None
+    assert get_ledger(sqlite_url).outcome(request_id) is not None
     assert unpublished(sqlite_url) == 0, "the relay's last pass came after the pool's commit"
     assert gone(relay)
     log = worker.log.read_text()
     assert "exited" not in log and "did not stop" not in log, log[-2000:]
-    wait_for(
-        lambda: events.collect() and minted.id in events.by_request(), 30, "the outcome's event"
-    )
+    see_event(events, request_id)

@@ -6,6 +6,7 @@ Nothing here needs RabbitMQ's management plugin: it uses passive declares and ba
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -81,6 +82,11 @@ def declare_topology(app: Celery) -> None:
             declare_native_delayed_delivery_exchanges_and_queues(connection, "quorum")
             for queue in topology.task_queues:
                 bind_queue_to_native_delayed_delivery_exchange(connection, queue)
+
+
+#: How long a look at a DLQ or a replay waits, at most, for the letters it took and left to be
+#: counted ready again before it returns.
+RETURN_WAIT = 10.0
 
 
 @contextmanager
@@ -168,6 +174,23 @@ class DeadLetter:
     key: str | None = None
 
 
+def _await_ready(app: Celery, connection: Any, name: str, count: int) -> None:
+    """Return once the queue name counts at least count messages ready, or after RETURN_WAIT.
+
+    Messages taken unacked go back when their channel closes, but a quorum queue takes them
+    back only once it has logged the end of their channel, a moment after the broker confirmed
+    the close (longer when its disk is busy): a look or a replay run right after would find
+    them missing ("replayed 0"). Best effort: a broker error here is left to the next call.
+    """
+    deadline = time.monotonic() + RETURN_WAIT
+    with suppress(*BROKER_ERRORS), _probe(connection) as channel:
+        queue = topology_of(app).queue(name)(channel)
+        while int(queue.queue_declare(passive=True).message_count) < count:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
+
+
 def _describe(message: Any) -> DeadLetter:
     headers = message.headers or {}
     deaths = headers.get("x-death") or []
@@ -223,12 +246,14 @@ def _peek(
     """The letters of the DLQ name that are wanted (up to limit), looked at and left there
     in the same order.
 
-    Each is taken unacked and all go back when the channel closes. A quorum queue puts a
+    Each is taken unacked and all go back when the channel closes (it returns once the DLQ
+    counts them ready again, so a look or a replay right after finds them). A quorum queue puts a
     returned message behind those still ready, so it is read to the end however few are
     kept: stopping early would move what was looked at behind the rest. Bounded all the same
     (letters arriving faster than they are read): twice what it held at the start, and 1,000.
     """
     kept: list[DeadLetter] = []
+    taken = 0
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
         with _probe(connection) as channel:  # closed at the end: unacked letters go back
@@ -238,9 +263,11 @@ def _peek(
                 message = dlq.get(no_ack=False)
                 if message is None:
                     break
+                taken += 1
                 letter = _describe(message)
                 if wanted(letter) and (limit is None or len(kept) < limit):
                     kept.append(letter)
+        _await_ready(app, connection, name, taken)
     return kept
 
 
@@ -307,17 +334,17 @@ def replay_dlq(
     Each letter is validated first (mcard_tasks.replay): a refused one is left in the DLQ.
     Each is published with confirms and acked from the DLQ only after the broker took it, so
     a crash midway duplicates at worst, and the ledger makes a duplicate harmless. On a dry
-    run nothing is published or acked: every letter looked at goes back to the DLQ.
+    run nothing is published or acked: every letter looked at goes back to the DLQ. It returns
+    once the DLQ counts the letters it left ready again (a replay right after finds them).
     """
     name = _dlq(queue)
     source = name.removesuffix(".dlq")
     policy = producer_policy(app)
     with app.connection_for_write() as connection:
-        channel = connection.channel()
-        dlq = topology_of(app).queue(name)(channel)
-        found = int(dlq.queue_declare(passive=True).message_count)
-        replay = Replay(queue=source, found=found, dry_run=dry_run)
-        try:
+        with _probe(connection) as channel:  # closed at the end: unacked letters go back
+            dlq = topology_of(app).queue(name)(channel)
+            found = int(dlq.queue_declare(passive=True).message_count)
+            replay = Replay(queue=source, found=found, dry_run=dry_run)
             for _ in range(found):
                 if limit is not None and len(replay.replayed) >= limit:
                     break
@@ -348,8 +375,7 @@ def replay_dlq(
                         " stay in the DLQ, and replaying again is safe"
                     ) from exc
                 message.ack()
-        finally:
-            channel.close()  # every unacked letter (refused, or a dry run's) goes back
+        _await_ready(app, connection, name, found - (0 if dry_run else len(replay.replayed)))
     return replay
 
 

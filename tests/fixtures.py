@@ -44,6 +44,27 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: flo
         time.sleep(every)
 
 
+def peek(connection: Any, queue: str, timeout: float = 30) -> list[Any]:
+    """The ready messages of queue, looked at and left there, in order: taken unacked and
+    given back by their channel's close. Returns once the queue counts them ready again (a
+    quorum queue takes them back a moment after the close: a look right after misses them)."""
+    channel = connection.channel()
+    seen = []
+    while (message := channel.basic_get(queue, no_ack=False)) is not None:
+        seen.append(message)
+    channel.close()
+
+    def back() -> bool:
+        probe = connection.channel()
+        try:
+            return int(probe.queue_declare(queue, passive=True).message_count) >= len(seen)
+        finally:
+            probe.close()
+
+    wait_for(back, timeout, f"the messages looked at back in {queue}")
+    return seen
+
+
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
     done = subprocess.run(
         ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=True

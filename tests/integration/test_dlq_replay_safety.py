@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,19 +19,23 @@ from click.testing import CliRunner
 
 import mcard_tasks.admin
 from mcard_tasks import app
-from mcard_tasks.admin import queue_depths, replay_dlq
+from mcard_tasks.admin import dead_letters, queue_depths, replay_dlq
 from mcard_tasks.cli import EXIT_INVALID, main
 from mcard_tasks.deadletter import REASON_HEADER, UNAUTHORIZED_PRODUCER
 from mcard_tasks.identity import PRODUCER_HEADER, broker_user
 from mcard_tasks.ledger import get_ledger
 from mcard_tasks.legacy import LEGACY_HEADER
 from mcard_tasks.tasks import single_mint
-from mcard_tasks.topology import DEAD_LETTER_EXCHANGE, build_topology, dlq_name
-from tests.fixtures import Worker, drain_dlq, use_ledger, wait_for
+from mcard_tasks.topology import DEAD_LETTER_EXCHANGE, dlq_name
+from tests import fixtures
+from tests.fixtures import Worker, drain_dlq, rabbitmqctl, use_ledger, wait_for
 
 pytestmark = pytest.mark.integration
 QUEUE = "mcard.single_mint"
 TIMEOUT = 30
+# The broker's log of every quorum queue, held (suspended) for a moment by one test.
+WAL = "ra_log_wal"
+RESUME_WAL_IN_2S = f"timer:apply_after(2000, sys, resume, [{WAL}])"
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -91,15 +96,8 @@ def put_valid(request_id: str, card: str, **headers: Any) -> None:
 
 
 def peek(queue: str) -> list[Any]:
-    """The messages of queue, left in it (unacked, then returned by the channel's close)."""
     with app.connection_for_read() as connection:
-        channel = connection.channel()
-        bound = build_topology(app.settings).queue(queue)(channel)
-        seen = []
-        while (message := bound.get(no_ack=False)) is not None:
-            seen.append(message)
-        channel.close()
-    return seen
+        return fixtures.peek(connection, queue)
 
 
 def ids(messages: list[Any]) -> list[str | None]:
@@ -111,10 +109,12 @@ def depth(queue: str) -> int:
 
 
 @pytest.fixture
-def clean_dlq(sqlite_url: str) -> Iterator[None]:
-    """The single_mint queue and DLQ empty before and after the test; producers on sqlite_url."""
+def clean_dlq(vhost: str, sqlite_url: str) -> Iterator[None]:
+    """The single_mint queue and DLQ of the session's vhost empty before and after the test;
+    producers on sqlite_url."""
     use_ledger(sqlite_url)
-    assert run("topology", "declare")[0] == 0
+    declared = run("topology", "declare")
+    assert declared[0] == 0, declared
     purge(QUEUE)  # a request an earlier test left on this process's vhost would be peeked
     drain_dlq(QUEUE)
     yield
@@ -376,3 +376,35 @@ def test_a_publish_the_broker_does_not_confirm_leaves_the_letter_and_exits_4(
     code, output = run("dlq", "replay", QUEUE)
     assert code == 4 and f"did not confirm the replay of {request_id}" in output, output
     assert ids(peek(dlq_name(QUEUE))) == [request_id]
+
+
+@pytest.mark.exclusive  # it holds the log of every quorum queue on the broker for 2 s
+@pytest.mark.parametrize("look", ["dry run", "replay", "list"])
+def test_the_letters_a_look_or_a_replay_leaves_are_back_in_the_dlq_when_it_returns(
+    clean_dlq: None, monkeypatch: pytest.MonkeyPatch, look: str
+) -> None:
+    """A quorum queue takes back the letters of a closed channel once it has logged the close;
+    a replay run right after the last one would find none (CI once saw "replayed 0").
+    Holding the broker's quorum log as the channel closes makes that moment 2 s long."""
+    good, bad = new("back-good"), new("back-bad")
+    put_valid(good, new("card"))
+    put_letter(task_body(card_id="x y", owner="alice"), task_headers(bad))
+    probe, held = mcard_tasks.admin._probe, []
+
+    @contextmanager
+    def probe_then_hold_the_log(connection: Any) -> Iterator[Any]:
+        with probe(connection) as channel:
+            yield channel
+            if not held:  # the channel that took the letters, before it closes
+                held.append(rabbitmqctl("eval", f"sys:suspend({WAL}), {RESUME_WAL_IN_2S}."))
+
+    monkeypatch.setattr(mcard_tasks.admin, "_probe", probe_then_hold_the_log)
+    if look == "list":
+        assert [letter.request_id for letter in dead_letters(app, QUEUE)] == [good, bad]
+    else:
+        done = replay_dlq(app, QUEUE, dry_run=look == "dry run")
+        assert [v.letter.request_id for v in done.verdicts] == [good, bad]
+    assert held, "the log was held"
+    left = [bad] if look == "replay" else [good, bad]
+    assert depth(dlq_name(QUEUE)) == len(left), "the letters left are back"
+    assert ids(peek(dlq_name(QUEUE))) == left

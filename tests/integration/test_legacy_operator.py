@@ -18,8 +18,8 @@ from mcard_tasks import app
 from mcard_tasks.cli import main
 from mcard_tasks.deadletter import REASON_HEADER
 from mcard_tasks.ledger import get_ledger
-from mcard_tasks.topology import build_topology, dlq_name
-from tests.fixtures import Worker, drain_dlq, use_ledger, wait_for
+from mcard_tasks.topology import dlq_name
+from tests.fixtures import Worker, drain_dlq, peek, use_ledger, wait_for
 from tests.integration.test_flower import Flower, free_port
 from tests.integration.test_legacy import legacy_publish
 
@@ -28,15 +28,8 @@ TIMEOUT = 30
 
 
 def peek_dlq(queue: str) -> list[Any]:
-    """The dead letters of queue, left in it (unacked, then returned by the channel's close)."""
     with app.connection_for_read() as connection:
-        channel = connection.channel()
-        dlq = build_topology(app.settings).queue(dlq_name(queue))(channel)
-        seen = []
-        while (message := dlq.get(no_ack=False)) is not None:
-            seen.append(message)
-        channel.close()
-    return seen
+        return peek(connection, dlq_name(queue))
 
 
 def test_with_legacy_messages_off_they_are_dead_lettered_and_a_replay_executes_them_once_on(

@@ -39,6 +39,7 @@ from tests.fixtures import (
     ROOT,
     Worker,
     add_broker_user,
+    peek,
     rabbitmqctl,
     recorded,
     wait_for,
@@ -686,12 +687,7 @@ def test_a_request_whose_retries_ran_out_is_replayed_by_an_operator_with_mcard_p
 def peek_letters(realm: Realm, queue: str = QUEUE) -> list[Any]:
     """The letters of queue's DLQ, left in it."""
     with realm.admin() as connection:
-        channel = connection.channel()
-        seen = []
-        while (message := channel.basic_get(f"{queue}.dlq", no_ack=False)) is not None:
-            seen.append(message)
-        channel.close()
-    return seen
+        return peek(connection, f"{queue}.dlq")
 
 
 def test_a_forged_x_death_does_not_make_a_worker_made_letter_read_as_the_brokers(

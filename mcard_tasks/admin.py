@@ -24,7 +24,7 @@ from mcard_tasks.config import settings_of
 from mcard_tasks.confirms import BROKER_ERRORS, publish_confirmed
 from mcard_tasks.deadletter import REASON_HEADER
 from mcard_tasks.errors import BrokerUnavailableError
-from mcard_tasks.identity import producer_policy
+from mcard_tasks.identity import ProducerPolicy, producer_policy
 from mcard_tasks.legacy import LEGACY_HEADER, describe
 from mcard_tasks.replay import replay_problem, replayed_headers, replayed_properties
 from mcard_tasks.roles import CELERY_EVENTS
@@ -180,15 +180,17 @@ def _await_ready(app: Celery, connection: Any, name: str, count: int) -> None:
     Messages taken unacked go back when their channel closes, but a quorum queue takes them
     back only once it has logged the end of their channel, a moment after the broker confirmed
     the close (longer when its disk is busy): a look or a replay run right after would find
-    them missing ("replayed 0"). Best effort: a broker error here is left to the next call.
+    them missing ("replayed 0"). Bounded: someone else taking letters meanwhile (another
+    replay, a purge) makes it wait RETURN_WAIT, no more. A broker error is raised: the letters
+    acked before it may not have reached the broker.
     """
     deadline = time.monotonic() + RETURN_WAIT
-    with suppress(*BROKER_ERRORS), _probe(connection) as channel:
+    with _probe(connection) as channel:
         queue = topology_of(app).queue(name)(channel)
         while int(queue.queue_declare(passive=True).message_count) < count:
             if time.monotonic() >= deadline:
                 return
-            time.sleep(0.01)
+            time.sleep(0.05)
 
 
 def _describe(message: Any) -> DeadLetter:
@@ -247,8 +249,8 @@ def _peek(
     in the same order.
 
     Each is taken unacked and all go back when the channel closes (it returns once the DLQ
-    counts them ready again, so a look or a replay right after finds them). A quorum queue puts a
-    returned message behind those still ready, so it is read to the end however few are
+    counts them ready again, so a look or a replay right after finds them). A quorum queue
+    puts a returned message behind those still ready, so it is read to the end however few are
     kept: stopping early would move what was looked at behind the rest. Bounded all the same
     (letters arriving faster than they are read): twice what it held at the start, and 1,000.
     """
@@ -323,6 +325,11 @@ class Replay:
     def refused(self) -> list[Verdict]:
         return [v for v in self.verdicts if v.problem is not None]
 
+    @property
+    def left(self) -> int:
+        """How many of the letters found are still in the DLQ (all, on a dry run)."""
+        return self.found - (0 if self.dry_run else len(self.replayed))
+
 
 def replay_dlq(
     app: Celery, queue: str, limit: int | None = None, *, dry_run: bool = False
@@ -340,43 +347,67 @@ def replay_dlq(
     name = _dlq(queue)
     source = name.removesuffix(".dlq")
     policy = producer_policy(app)
+    replay = Replay(queue=source, found=0, dry_run=dry_run)
     with app.connection_for_write() as connection:
-        with _probe(connection) as channel:  # closed at the end: unacked letters go back
-            dlq = topology_of(app).queue(name)(channel)
-            found = int(dlq.queue_declare(passive=True).message_count)
-            replay = Replay(queue=source, found=found, dry_run=dry_run)
-            for _ in range(found):
-                if limit is not None and len(replay.replayed) >= limit:
-                    break
-                message = dlq.get(no_ack=False)
-                if message is None:
-                    break
-                verdict = Verdict(_describe(message), replay_problem(message, source, policy))
-                replay.verdicts.append(verdict)
-                if verdict.problem is not None or dry_run:
-                    continue  # unacked: back to the DLQ when the channel closes
-                try:
-                    publish_confirmed(
-                        app,
-                        message.body,
-                        exchange=EXCHANGE.name,
-                        routing_key=source,
-                        headers=replayed_headers(message),
-                        content_type=message.content_type,
-                        content_encoding=message.content_encoding,
-                        delivery_mode=2,
-                        serializer=None,
-                        **replayed_properties(message.properties or {}),
-                    )
-                except BROKER_ERRORS as exc:
-                    raise BrokerUnavailableError(
-                        f"the broker did not confirm the replay of {verdict.letter.request_id}"
-                        f" ({exc!r}) after {len(replay.replayed) - 1} replayed; it and the rest"
-                        " stay in the DLQ, and replaying again is safe"
-                    ) from exc
-                message.ack()
-        _await_ready(app, connection, name, found - (0 if dry_run else len(replay.replayed)))
+        try:
+            with _probe(connection) as channel:  # closed at the end: unacked letters go back
+                _replay_letters(app, channel, name, replay, limit, policy)
+        except BrokerUnavailableError:
+            with suppress(*BROKER_ERRORS):  # the replay's own error is the one to report
+                _await_ready(app, connection, name, replay.left)
+            raise
+        _await_ready(app, connection, name, replay.left)
     return replay
+
+
+def _replay_letters(
+    app: Celery,
+    channel: Any,
+    name: str,
+    replay: Replay,
+    limit: int | None,
+    policy: ProducerPolicy | None,
+) -> None:
+    dlq = topology_of(app).queue(name)(channel)
+    replay.found = int(dlq.queue_declare(passive=True).message_count)
+    taken = 0
+    while taken < replay.found or not taken:
+        if limit is not None and len(replay.replayed) >= limit:
+            return
+        message = dlq.get(no_ack=False)
+        if message is None:
+            return
+        if not taken:
+            # The count basic.get returns is the queue's own; a passive declare's can read
+            # 0 when a busy quorum queue does not answer it in time.
+            ready = int((message.delivery_info or {}).get("message_count") or 0)
+            replay.found = max(replay.found, ready + 1)
+        taken += 1
+        verdict = Verdict(_describe(message), replay_problem(message, replay.queue, policy))
+        if verdict.problem is not None or replay.dry_run:
+            replay.verdicts.append(verdict)
+            continue  # unacked: back to the DLQ when the channel closes
+        try:
+            publish_confirmed(
+                app,
+                message.body,
+                exchange=EXCHANGE.name,
+                routing_key=replay.queue,
+                headers=replayed_headers(message),
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                delivery_mode=2,
+                serializer=None,
+                **replayed_properties(message.properties or {}),
+            )
+        except BROKER_ERRORS as exc:
+            raise BrokerUnavailableError(
+                f"the broker did not confirm the replay of {verdict.letter.request_id}"
+                f" ({exc!r}) after {len(replay.replayed)} replayed; it and the rest"
+                " stay in the DLQ, and replaying again is safe"
+            ) from exc
+        message.ack()
+        replay.verdicts.append(verdict)
 
 
 def purge_dlq(app: Celery, queue: str) -> int:

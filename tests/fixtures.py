@@ -50,9 +50,11 @@ def peek(connection: Any, queue: str, timeout: float = 30) -> list[Any]:
     quorum queue takes them back a moment after the close: a look right after misses them)."""
     channel = connection.channel()
     seen = []
-    while (message := channel.basic_get(queue, no_ack=False)) is not None:
-        seen.append(message)
-    channel.close()
+    try:
+        while (message := channel.basic_get(queue, no_ack=False)) is not None:
+            seen.append(message)
+    finally:
+        channel.close()
 
     def back() -> bool:
         probe = connection.channel()

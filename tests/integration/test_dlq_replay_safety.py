@@ -33,9 +33,6 @@ from tests.fixtures import Worker, drain_dlq, rabbitmqctl, use_ledger, wait_for
 pytestmark = pytest.mark.integration
 QUEUE = "mcard.single_mint"
 TIMEOUT = 30
-# The broker's log of every quorum queue, held (suspended) for a moment by one test.
-WAL = "ra_log_wal"
-RESUME_WAL_IN_2S = f"timer:apply_after(2000, sys, resume, [{WAL}])"
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -98,6 +95,26 @@ def put_valid(request_id: str, card: str, **headers: Any) -> None:
 def peek(queue: str) -> list[Any]:
     with app.connection_for_read() as connection:
         return fixtures.peek(connection, queue)
+
+
+def hold(process: str, seconds: float) -> None:
+    """Suspend a process of the broker (an Erlang expression for it) for a moment: the broker
+    resumes it by itself, whatever happens to the test."""
+    ms = int(seconds * 1000)
+    rabbitmqctl(
+        "eval",
+        f"P = {process}, sys:suspend(P, infinity), timer:apply_after({ms}, sys, resume, [P]).",
+    )
+
+
+def queue_process(vhost: str, queue: str) -> str:
+    """The Erlang expression of a quorum queue's own process on the broker."""
+    name = f'rabbit_misc:r(<<"{vhost}">>, queue, <<"{queue}">>)'
+    return f"element(1, amqqueue:get_pid(element(2, rabbit_amqqueue:lookup({name}))))"
+
+
+#: The broker's log of every quorum queue.
+QUORUM_LOG = "ra_log_wal"
 
 
 def ids(messages: list[Any]) -> list[str | None]:
@@ -177,7 +194,7 @@ def test_invalid_letters_are_refused_and_stay_and_the_valid_one_runs_with_fresh_
     refused[legacy_id] = (legacy_card, "invalid legacy message")
     legacy = {"key": "mcard_burn", "data": {"card_id": legacy_card}, "request_id": legacy_id}
     put_letter(json.dumps(legacy).encode(), {})
-    assert depth(dlq_name(QUEUE)) == 1 + len(refused)
+    wait_for(lambda: depth(dlq_name(QUEUE)) == 1 + len(refused), TIMEOUT, "every letter")
 
     # No worker yet: the replayed message is looked at in the task queue itself.
     code, output = run("dlq", "replay", QUEUE)
@@ -378,14 +395,14 @@ def test_a_publish_the_broker_does_not_confirm_leaves_the_letter_and_exits_4(
     assert ids(peek(dlq_name(QUEUE))) == [request_id]
 
 
-@pytest.mark.exclusive  # it holds the log of every quorum queue on the broker for 2 s
+@pytest.mark.exclusive  # it holds the log of every quorum queue on the broker for 3 s
 @pytest.mark.parametrize("look", ["dry run", "replay", "list"])
 def test_the_letters_a_look_or_a_replay_leaves_are_back_in_the_dlq_when_it_returns(
     clean_dlq: None, monkeypatch: pytest.MonkeyPatch, look: str
 ) -> None:
     """A quorum queue takes back the letters of a closed channel once it has logged the close;
     a replay run right after the last one would find none (CI once saw "replayed 0").
-    Holding the broker's quorum log as the channel closes makes that moment 2 s long."""
+    Holding the broker's quorum log as the channel closes makes that moment 3 s long."""
     good, bad = new("back-good"), new("back-bad")
     put_valid(good, new("card"))
     put_letter(task_body(card_id="x y", owner="alice"), task_headers(bad))
@@ -396,7 +413,8 @@ def test_the_letters_a_look_or_a_replay_leaves_are_back_in_the_dlq_when_it_retur
         with probe(connection) as channel:
             yield channel
             if not held:  # the channel that took the letters, before it closes
-                held.append(rabbitmqctl("eval", f"sys:suspend({WAL}), {RESUME_WAL_IN_2S}."))
+                hold(QUORUM_LOG, 3)
+                held.append(QUORUM_LOG)
 
     monkeypatch.setattr(mcard_tasks.admin, "_probe", probe_then_hold_the_log)
     if look == "list":
@@ -404,7 +422,22 @@ def test_the_letters_a_look_or_a_replay_leaves_are_back_in_the_dlq_when_it_retur
     else:
         done = replay_dlq(app, QUEUE, dry_run=look == "dry run")
         assert [v.letter.request_id for v in done.verdicts] == [good, bad]
-    assert held, "the log was held"
+    assert held, "the quorum log was held"
     left = [bad] if look == "replay" else [good, bad]
     assert depth(dlq_name(QUEUE)) == len(left), "the letters left are back"
     assert ids(peek(dlq_name(QUEUE))) == left
+
+
+@pytest.mark.exclusive  # it holds a queue of the broker for 1.5 s
+def test_a_replay_finds_the_letters_of_a_dlq_too_busy_to_count_them(
+    clean_dlq: None, vhost: str
+) -> None:
+    """A passive declare reads 0 messages when the quorum queue does not answer within 250 ms;
+    the replay takes its bound from basic.get's own count then."""
+    good, bad = new("busy-good"), new("busy-bad")
+    put_valid(good, new("card"))
+    put_letter(task_body(card_id="x y", owner="alice"), task_headers(bad))
+    hold(queue_process(vhost, dlq_name(QUEUE)), 1.5)
+    done = replay_dlq(app, QUEUE, dry_run=True)
+    assert [v.letter.request_id for v in done.verdicts] == [good, bad]
+    assert done.found == 2

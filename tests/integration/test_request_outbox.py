@@ -153,8 +153,9 @@ def test_a_relay_killed_mid_batch_and_restarted_ends_each_request_once(
     subscriber: Callable[[str], Subscriber],
 ) -> None:
     events = subscriber("mcard.single_mint.#")
-    sent = commit_mints(app_db, 600, f"kill-{uuid.uuid4().hex[:8]}")
-    relay = RelayProcess(app_db_url, tmp_path / "relay.log", relay_batch="100").start()
+    # Small batches, many of them: the kill lands mid-stream even when the test is slow to look.
+    sent = commit_mints(app_db, 800, f"kill-{uuid.uuid4().hex[:8]}")
+    relay = RelayProcess(app_db_url, tmp_path / "relay.log", relay_batch="10").start()
     wait_for(
         lambda: outbox_status(app_db).relayed > 0, 30, "the relay's first batches", every=0.005
     )
@@ -194,7 +195,8 @@ def test_commits_succeed_with_the_broker_down_and_all_end_once_when_it_is_back(
         durations.append(time.monotonic() - began)
     elapsed = time.monotonic() - started
     assert elapsed < 30 and max(durations) < 1.0, (elapsed, max(durations))
-    time.sleep(2)  # several retries while down
+    wait_for(lambda: log.exists() and "the broker is unavailable" in log.read_text(), 30, "down")
+    time.sleep(1)  # several retries while down
     assert down.stop() == 0
     assert log.read_text().count("the broker is unavailable") == 1, log.read_text()
     assert outbox_status(app_db).pending >= 1000

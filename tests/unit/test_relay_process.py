@@ -35,13 +35,13 @@ def test_a_forked_process_gives_up_its_copy_of_a_relays_input() -> None:
         relay_process._INPUTS.add(write_end)
     child = os.fork()
     if child == 0:  # the "pool child": lives on while the worker closes the input
-        time.sleep(3)
+        time.sleep(30)  # killed below
         os._exit(0)
     try:
         with relay_process._INPUTS_LOCK:
             relay_process._INPUTS.discard(write_end)
             os.close(write_end)
-        ready, _, _ = select.select([read_end], [], [], 2.0)
+        ready, _, _ = select.select([read_end], [], [], 10.0)
         assert ready and os.read(read_end, 1) == b"", "the end of input, the child still alive"
         assert os.waitpid(child, os.WNOHANG) == (0, 0)
     finally:

@@ -10,13 +10,14 @@ worker once more, and a script without a ``__main__`` guard would start a second
 it). It reads what it needs (the worker's settings and logging) as one pickle on its standard
 input, never on its command line, builds its own app from the settings and runs
 :class:`mcard_tasks.events.OutboxRelay`. It runs in a session of its own and ignores SIGINT
-and SIGTERM: a signal to the worker's process group (Ctrl-C, systemd, an init) must not end
-it before the worker's pool has committed its last requests. It stops after one last bounded
-pass when its standard input ends: the worker closes it when it has shut down, and the kernel
-when the worker is gone (a SIGKILLed worker leaves no relay behind; processes the worker forks
-later give up their copy of the pipe). A child that dies is started again, after a second,
-longer if it keeps dying at once. Whatever it had not published waits in the outbox, so
-nothing is lost whichever process dies when: a row is marked only after the broker confirmed it.
+and SIGTERM (held from its fork until then): a signal to the worker's process group (Ctrl-C,
+systemd, an init) must not end it before the worker's pool has committed its last requests.
+It stops after one last bounded pass when its standard input ends: the worker closes it when
+it has shut down, and the kernel when the worker is gone (a SIGKILLed worker leaves no relay
+behind; processes the worker forks later give up their copy of the pipe). A child that dies
+is started again, after a second, longer if it keeps dying at once. Whatever it had not
+published waits in the outbox, so nothing is lost whichever process dies when: a row is
+marked only after the broker confirmed it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ _LAST_PASS = 5.0
 _RESTART_AFTER = 1.0
 _RESTART_MAX = 30.0
 _SHORT_LIFE = 10.0
+#: The signals the child ignores: held from its fork until it does.
+_HELD = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass
@@ -91,6 +94,9 @@ class RelayProcess:
         with _INPUTS_LOCK:  # no fork meanwhile: every process forked later gives up its copy
             read_end, write_end = os.pipe()
             _INPUTS.add(write_end)
+            # Held (blocked) from the fork on: the child inherits the mask across exec, and
+            # a SIGTERM meant for the worker waits until the child ignores it (main()).
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
             try:
                 process = subprocess.Popen(
                     [sys.executable, "-P", "-m", __name__],
@@ -104,6 +110,7 @@ class RelayProcess:
                 os.close(write_end)
                 raise
             finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 os.close(read_end)
             self._process, self._input = process, write_end
             # A few KiB, within the pipe's buffer. The input stays open: its end is the
@@ -215,6 +222,7 @@ def main() -> None:
     # SIGTERM) must not end the relay before the pool's last outcomes are committed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # held since the fork: now dropped
     order: _Order = pickle.load(sys.stdin.buffer)
     closed = threading.Event()
     threading.Thread(target=_await_end_of_input, args=(closed,), daemon=True).start()

@@ -247,9 +247,12 @@ class Worker:
 
     def start(self, timeout: float = 60) -> Worker:
         """Start the process and wait until it answers a ping."""
+        return self.launch().ready(timeout)
+
+    def ready(self, timeout: float = 60) -> Worker:
+        """Wait until the launched process answers a ping."""
         from mcard_tasks import app
 
-        self.launch()
         wait_for(
             lambda: self._exited() or app.control.ping(destination=[self.node], timeout=0.5),
             timeout,

@@ -202,3 +202,20 @@ def test_a_sigterm_to_every_process_of_the_worker_leaves_the_relay_its_last_pass
     log = worker.log.read_text()
     assert "exited" not in log and "did not stop" not in log, log[-2000:]
     see_event(events, request_id)
+
+
+def test_a_relay_signalled_as_it_starts_lives_on(
+    sqlite_url: str, make_worker: Callable[..., Worker], subscriber: Callable[[str], Subscriber]
+) -> None:
+    """A SIGTERM or SIGINT to every process as the worker starts (or restarts its relay) reaches
+    a relay still importing: held from its fork until it ignores them, it lives on."""
+    use_ledger(sqlite_url)
+    events = subscriber("mcard.single_mint.#")
+    worker = make_worker(sqlite_url, "relay-early").launch()
+    relay = wait_for(lambda: relay_children(worker), 60, "the relay process", every=0.001)[0]
+    os.kill(relay, signal.SIGTERM)
+    os.kill(relay, signal.SIGINT)
+    worker.ready()
+    mint_and_see_event(events)
+    assert relay_children(worker) == [relay], "the same relay, not a restarted one"
+    assert "starting another" not in worker.log.read_text()

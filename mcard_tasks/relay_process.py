@@ -86,7 +86,7 @@ class RelayProcess:
         )
         self._watcher.start()
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         order = _Order(self.settings, os.getpid(), self.log_level, self.log_file)
         # The worker's import path, whole and first (its MCARD_SPECS modules, a checkout that
         # is not installed); -P: not the current directory ahead of it.
@@ -122,6 +122,7 @@ class RelayProcess:
             except OSError as exc:  # the child died at once: the watcher starts another
                 logger.warning("outbox relay: could not hand its process the settings: %s", exc)
         logger.info("outbox relay: running in process %s", process.pid)
+        return process
 
     def _close_input(self) -> None:
         with _INPUTS_LOCK:
@@ -168,8 +169,17 @@ class RelayProcess:
         if self._watcher is not None:
             self._watcher.join(2.0)
         process = self._process
-        if process is None or process.poll() is not None:
+        if process is None:
             return
+        if process.poll() is not None:
+            # It died and the next waits to be started: one for the last pass alone (what the
+            # pool committed meanwhile would otherwise wait for another worker's relay).
+            self._close_input()  # the dead one's, if the watcher had not closed it yet
+            try:
+                process = self._spawn()
+            except Exception as exc:
+                logger.error("outbox relay: cannot start its process for a last pass: %s", exc)
+                return
         self._close_input()  # the end of its input: the last pass, then it exits
         try:
             process.wait(2 * _LAST_PASS + 5.0)

@@ -219,3 +219,23 @@ def test_a_relay_signalled_as_it_starts_lives_on(
     mint_and_see_event(events)
     assert relay_children(worker) == [relay], "the same relay, not a restarted one"
     assert "starting another" not in worker.log.read_text()
+
+
+def test_a_worker_stopped_while_its_relay_waits_to_be_restarted_still_makes_the_last_pass(
+    sqlite_url: str, make_worker: Callable[..., Worker], subscriber: Callable[[str], Subscriber]
+) -> None:
+    """The relay died and the next starts only after a pause: a worker stopped meanwhile starts
+    one for the last pass alone, so its last outcomes' events go out as it stops."""
+    use_ledger(sqlite_url)
+    events = subscriber("mcard.single_mint.#")
+    worker = make_worker(sqlite_url, "relay-pause").start()
+    for _ in range(3):  # each quick death doubles the pause: 4 s after the third
+        (relay,) = wait_for(lambda: relay_children(worker), 30, "a relay process")
+        os.kill(relay, signal.SIGKILL)
+        wait_for(lambda pid=relay: gone(pid), 10, "the relay gone")
+    minted = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
+    assert minted.get(timeout=30, interval=0.05)["outcome"] == "succeeded"
+    assert relay_children(worker) == [], "no relay while its next one waits"
+    assert worker.stop() == 0
+    assert unpublished(sqlite_url) == 0, "the last pass published the outcome's event"
+    see_event(events, minted.id)

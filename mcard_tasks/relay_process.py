@@ -166,8 +166,8 @@ class RelayProcess:
     def stop(self) -> None:
         """Stop the child after its last pass (bounded, then killed)."""
         self._stopping.set()
-        if self._watcher is not None:
-            self._watcher.join(2.0)
+        if self._watcher is not None:  # it returns within a wait, or right after a spawn
+            self._watcher.join(10.0)
         process = self._process
         if process is None:
             return
@@ -175,6 +175,7 @@ class RelayProcess:
             # It died and the next waits to be started: one for the last pass alone (what the
             # pool committed meanwhile would otherwise wait for another worker's relay).
             self._close_input()  # the dead one's, if the watcher had not closed it yet
+            logger.info("outbox relay: starting one for its last pass alone")
             try:
                 process = self._spawn()
             except Exception as exc:

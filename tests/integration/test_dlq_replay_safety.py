@@ -8,6 +8,7 @@ original plus x-mcard-reason, or x-death); every wait is bounded and polled.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from kombu import Queue
 
 import mcard_tasks.admin
 from mcard_tasks import app
@@ -396,7 +398,7 @@ def test_a_publish_the_broker_does_not_confirm_leaves_the_letter_and_exits_4(
 
 
 @pytest.mark.exclusive  # it holds the log of every quorum queue on the broker for 3 s
-@pytest.mark.parametrize("look", ["dry run", "replay", "list"])
+@pytest.mark.parametrize("look", ["dry run", "replay", "show"])
 def test_the_letters_a_look_or_a_replay_leaves_are_back_in_the_dlq_when_it_returns(
     clean_dlq: None, monkeypatch: pytest.MonkeyPatch, look: str
 ) -> None:
@@ -417,27 +419,39 @@ def test_the_letters_a_look_or_a_replay_leaves_are_back_in_the_dlq_when_it_retur
                 held.append(QUORUM_LOG)
 
     monkeypatch.setattr(mcard_tasks.admin, "_probe", probe_then_hold_the_log)
-    if look == "list":
+    started = time.monotonic()
+    if look == "show":
         assert [letter.request_id for letter in dead_letters(app, QUEUE)] == [good, bad]
     else:
         done = replay_dlq(app, QUEUE, dry_run=look == "dry run")
         assert [v.letter.request_id for v in done.verdicts] == [good, bad]
     assert held, "the quorum log was held"
+    assert time.monotonic() - started > 1, "it waited for the letters (the log held as it closed)"
     left = [bad] if look == "replay" else [good, bad]
     assert depth(dlq_name(QUEUE)) == len(left), "the letters left are back"
     assert ids(peek(dlq_name(QUEUE))) == left
 
 
-@pytest.mark.exclusive  # it holds a queue of the broker for 1.5 s
+@pytest.mark.exclusive  # it holds a queue of the broker for 3 s
 def test_a_replay_finds_the_letters_of_a_dlq_too_busy_to_count_them(
-    clean_dlq: None, vhost: str
+    clean_dlq: None, vhost: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A passive declare reads 0 messages when the quorum queue does not answer within 250 ms;
     the replay takes its bound from basic.get's own count then."""
     good, bad = new("busy-good"), new("busy-bad")
     put_valid(good, new("card"))
     put_letter(task_body(card_id="x y", owner="alice"), task_headers(bad))
-    hold(queue_process(vhost, dlq_name(QUEUE)), 1.5)
+    counted = []
+    declare = Queue.queue_declare
+
+    def count(queue: Queue, *args: Any, **kwargs: Any) -> Any:
+        answer = declare(queue, *args, **kwargs)
+        counted.append(answer.message_count)
+        return answer
+
+    monkeypatch.setattr(Queue, "queue_declare", count)
+    hold(queue_process(vhost, dlq_name(QUEUE)), 3)
     done = replay_dlq(app, QUEUE, dry_run=True)
+    assert counted[0] == 0, "the busy queue's count read 0"
     assert [v.letter.request_id for v in done.verdicts] == [good, bad]
     assert done.found == 2

@@ -229,7 +229,7 @@ def test_a_worker_stopped_while_its_relay_waits_to_be_restarted_still_makes_the_
     use_ledger(sqlite_url)
     events = subscriber("mcard.single_mint.#")
     worker = make_worker(sqlite_url, "relay-pause").start()
-    for _ in range(3):  # each quick death doubles the pause: 4 s after the third
+    for _ in range(4):  # each quick death doubles the pause: at least 4 s after the fourth
         (relay,) = wait_for(lambda: relay_children(worker), 30, "a relay process")
         os.kill(relay, signal.SIGKILL)
         wait_for(lambda pid=relay: gone(pid), 10, "the relay gone")
@@ -237,5 +237,6 @@ def test_a_worker_stopped_while_its_relay_waits_to_be_restarted_still_makes_the_
     assert minted.get(timeout=30, interval=0.05)["outcome"] == "succeeded"
     assert relay_children(worker) == [], "no relay while its next one waits"
     assert worker.stop() == 0
+    assert "starting one for its last pass alone" in worker.log.read_text()
     assert unpublished(sqlite_url) == 0, "the last pass published the outcome's event"
     see_event(events, minted.id)

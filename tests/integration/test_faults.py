@@ -183,12 +183,12 @@ def test_a_worker_killed_outright_mid_stream_loses_and_doubles_nothing(
     use_ledger(postgresql_url)
     ledger = get_ledger(postgresql_url)
     # Enqueued before the worker starts: it drains faster than one producer enqueues. The
-    # first worker's batches are small and each calls an issuer that takes 25 ms: 400 batches,
+    # first worker's batches are small and each calls an issuer that takes 50 ms: 200 batches,
     # at least 2.5 s with four at once, so the kill lands mid-stream even on a busy machine
-    # (unslowed, it drained all 4,000 in the second it took the test to look once in CI).
-    sent = send_mints(4000)
+    # (unslowed, it drained 4,000 in the second it took the test to look once in CI).
+    sent = send_mints(1000)
     ids = list(sent)
-    slow = {"issuer": "simulated", "issuer_latency_ms": "25", "batch_size": "10"}
+    slow = {"issuer": "simulated", "issuer_latency_ms": "50", "batch_size": "5"}
     first = make_worker(postgresql_url, f"killmain-{pool}", pool=pool, **slow).start()
     wait_for(lambda: recorded(ledger, ids) >= 50, 60, "the stream to start")
     first.kill()

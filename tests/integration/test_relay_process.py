@@ -59,6 +59,11 @@ def gone(pid: int) -> bool:
     return state == "Z"
 
 
+def restarts(worker: Worker) -> list[str]:
+    """The worker's log lines about a relay that died and the pause before the next."""
+    return [line for line in worker.log.read_text().splitlines() if "starting another in" in line]
+
+
 def unpublished(url: str) -> int:
     with get_ledger(url).engine.connect() as connection:
         return int(
@@ -229,10 +234,14 @@ def test_a_worker_stopped_while_its_relay_waits_to_be_restarted_still_makes_the_
     use_ledger(sqlite_url)
     events = subscriber("mcard.single_mint.#")
     worker = make_worker(sqlite_url, "relay-pause").start()
-    for _ in range(4):  # each quick death doubles the pause: at least 4 s after the fourth
+    for kills in range(1, 7):  # each quick death doubles the pause: kill until it is 8 s
         (relay,) = wait_for(lambda: relay_children(worker), 30, "a relay process")
         os.kill(relay, signal.SIGKILL)
-        wait_for(lambda pid=relay: gone(pid), 10, "the relay gone")
+        line = wait_for(lambda n=kills: restarts(worker)[n - 1 :], 10, "the watcher's line")[0]
+        if "starting another in 8 s" in line:
+            break
+    else:
+        pytest.fail(f"the pause never reached 8 s: {restarts(worker)}")
     minted = single_mint.delay(card_id=f"card-{uuid.uuid4().hex}", owner="alice")
     assert minted.get(timeout=30, interval=0.05)["outcome"] == "succeeded"
     assert relay_children(worker) == [], "no relay while its next one waits"

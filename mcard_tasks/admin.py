@@ -184,6 +184,8 @@ def _await_ready(app: Celery, connection: Any, name: str, count: int) -> None:
     replay, a purge) makes it wait RETURN_WAIT, no more. A broker error is raised: the letters
     acked before it may not have reached the broker.
     """
+    if count <= 0:  # nothing left to come back (a DLQ looked at empty, every letter acked)
+        return
     deadline = time.monotonic() + RETURN_WAIT
     with _probe(connection) as channel:
         queue = topology_of(app).queue(name)(channel)
